@@ -1,0 +1,109 @@
+"""Every 4xx/5xx answer as ``application/problem+json`` (RFC 9457), with a stable ``code``.
+
+The middleware here is the one place where Parley's error tree meets HTTP status codes.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from http import HTTPStatus
+from typing import Any, Final
+
+from aiohttp import web
+from aiohttp.typedefs import Handler
+
+from relay import errors
+
+__all__ = ["problem", "problem_middleware"]
+
+log = logging.getLogger("relay.api")
+
+PROBLEM_TYPE: Final = "application/problem+json"
+
+# aiohttp's own HTTP exceptions (routing, body size) mapped to our stable codes.
+_HTTP_CODES: Final = {
+    400: "bad_request",
+    401: "unauthorized",
+    403: "forbidden",
+    404: "not_found",
+    405: "method_not_allowed",
+    409: "conflict",
+    413: "request_too_large",
+    415: "unsupported_media_type",
+    422: "invalid_request",
+    429: "rate_limited",
+    500: "internal_error",
+    503: "unavailable",
+}
+
+_ERROR_STATUS: Final[tuple[tuple[type[errors.RelayError], int], ...]] = (
+    (errors.BadRequest, 400),
+    (errors.Unauthorized, 401),
+    (errors.NotFound, 404),
+    (errors.Conflict, 409),
+    (errors.CapacityError, 503),
+    (errors.DependencyError, 503),
+)
+
+
+def problem(
+    status: int,
+    code: str,
+    detail: str,
+    *,
+    headers: dict[str, str] | None = None,
+    **extra: Any,
+) -> web.Response:
+    """Build a problem+json response; ``detail`` must never hold secrets, payloads or stack traces."""
+    body = {
+        "type": f"https://parley.dev/problems/{code}",
+        "title": HTTPStatus(status).phrase,
+        "status": status,
+        "detail": detail,
+        "code": code,
+        **extra,
+    }
+    return web.Response(status=status, text=json.dumps(body), content_type=PROBLEM_TYPE, headers=headers)
+
+
+def _status_for(exc: errors.RelayError) -> int:
+    if isinstance(exc, errors.BadRequest) and exc.code in ("invalid_request", "validation_error"):
+        return 422
+    for kind, status in _ERROR_STATUS:
+        if isinstance(exc, kind):
+            return status
+    return 500
+
+
+@web.middleware
+async def problem_middleware(request: web.Request, handler: Handler) -> web.StreamResponse:
+    try:
+        response = await handler(request)
+    except errors.RelayError as exc:
+        status = _status_for(exc)
+        headers = {}
+        if isinstance(exc, errors.CapacityError):
+            headers["Retry-After"] = str(exc.retry_after_s)
+        extra: dict[str, Any] = {}
+        if isinstance(exc, errors.BadRequest) and exc.field is not None:
+            extra["field"] = exc.field
+        return problem(status, exc.code, exc.detail, headers=headers, **extra)
+    except web.HTTPException as exc:
+        if exc.status < 400:
+            raise
+        if exc.content_type == PROBLEM_TYPE:
+            raise
+        code = _HTTP_CODES.get(exc.status, "error")
+        headers = {k: v for k, v in exc.headers.items() if k in ("Allow", "Retry-After")}
+        return problem(exc.status, code, exc.reason, headers=headers)
+    except Exception as exc:
+        log.error("http.unhandled", exc_info=exc, extra={"route": _route(request)})
+        return problem(500, "internal_error", "The server hit an unexpected error.")
+    return response
+
+
+def _route(request: web.Request) -> str:
+    route = request.match_info.route
+    resource = route.resource
+    return resource.canonical if resource is not None else "unmatched"

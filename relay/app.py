@@ -1,0 +1,122 @@
+"""The aiohttp application: ``build_app(settings)`` wires resources, middlewares and routes.
+
+Resources live in ``cleanup_ctx`` generators, so each is closed if and only if it was opened, and a
+start-up failure (database unreachable, schema behind, object store down) stops the whole start with
+a :class:`~relay.config.ConfigError` naming the variable to fix: nothing half-starts.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import AsyncIterator
+from pathlib import Path
+from typing import Final
+
+from aiohttp import web
+from aiohttp.typedefs import Handler
+
+from relay.api import ops
+from relay.api.problems import problem_middleware
+from relay.config import ConfigError, Settings
+from relay.keys import DATABASE, METRICS, OBJECTS, SETTINGS
+from relay.observability.metrics import Metrics
+from storage import migrate
+from storage.db import Database, DatabaseUnavailable
+from storage.objects import ObjectStoreError, open_object_store
+
+__all__ = ["build_app"]
+
+log = logging.getLogger("relay.app")
+
+WEB_DIR: Final = Path(__file__).resolve().parent.parent / "web"
+# Request bodies above this are refused with 413 before a handler reads them (SDP offers are < 64 KiB).
+MAX_BODY_BYTES: Final = 1024 * 1024
+
+
+def build_app(settings: Settings) -> web.Application:
+    """Create the application; resources open when it starts and close when it stops."""
+    app = web.Application(
+        middlewares=[_metrics_middleware, problem_middleware], client_max_size=MAX_BODY_BYTES
+    )
+    app[SETTINGS] = settings
+    app[METRICS] = Metrics()
+    app.cleanup_ctx.append(_database)
+    app.cleanup_ctx.append(_object_store)
+    app.add_routes(ops.routes)
+    if (WEB_DIR / "index.html").is_file():
+        app.router.add_get("/", _index)
+        app.router.add_static("/static/", WEB_DIR, follow_symlinks=False)
+    return app
+
+
+async def _database(app: web.Application) -> AsyncIterator[None]:
+    settings = app[SETTINGS]
+    db = Database(settings.database_url)
+    try:
+        try:
+            await db.check()
+        except DatabaseUnavailable as exc:
+            raise ConfigError("PARLEY_DATABASE_URL", f"cannot reach the database ({exc})") from None
+        current, head = await migrate.current_revision(db), migrate.head_revision()
+        if current != head:
+            raise ConfigError(
+                "PARLEY_DATABASE_URL",
+                f"schema is at {current or 'nothing'}, this code needs {head}: run `parley migrate`",
+            )
+    except BaseException:
+        await db.aclose()
+        raise
+    app[DATABASE] = db
+    log.info("database.ready", extra={"backend": db.dialect, "revision": head})
+    yield
+    await db.aclose()
+
+
+async def _object_store(app: web.Application) -> AsyncIterator[None]:
+    store = open_object_store(app[SETTINGS].object_store_url)
+    try:
+        await store.setup()
+        await store.check()
+    except ObjectStoreError as exc:
+        await store.aclose()
+        raise ConfigError("PARLEY_OBJECT_STORE_URL", f"cannot use the object store ({exc})") from None
+    except BaseException:
+        await store.aclose()
+        raise
+    app[OBJECTS] = store
+    log.info("objects.ready", extra={"backend": store.kind})
+    yield
+    await store.aclose()
+
+
+@web.middleware
+async def _metrics_middleware(request: web.Request, handler: Handler) -> web.StreamResponse:
+    started = time.perf_counter()
+    status = 500
+    try:
+        response = await handler(request)
+        status = response.status
+        return response
+    except web.HTTPException as exc:
+        status = exc.status
+        raise
+    finally:
+        resource = request.match_info.route.resource
+        route = resource.canonical if resource is not None else "unmatched"
+        elapsed = time.perf_counter() - started
+        request.app[METRICS].request_done(route, request.method, status, elapsed)
+        if route not in ("/metrics", "/healthz", "/readyz"):
+            log.info(
+                "http.request",
+                extra={
+                    "method": request.method,
+                    "route": route,
+                    "http_status": status,
+                    "duration_ms": round(elapsed * 1000, 1),
+                },
+            )
+
+
+async def _index(request: web.Request) -> web.FileResponse:
+    return web.FileResponse(WEB_DIR / "index.html")

@@ -1,0 +1,243 @@
+"""Settings: read once at start-up from the environment (and an optional ``.env``), frozen afterwards.
+
+Library code never reads ``os.environ``; it receives a :class:`Settings` (or a part of it).
+Every validation error names the variable it comes from, so a bad deployment fails with one
+clear line instead of half-starting.
+"""
+
+from __future__ import annotations
+
+import os
+import secrets
+import stat
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Final
+from urllib.parse import SplitResult, urlsplit, urlunsplit
+
+from dotenv import dotenv_values
+
+__all__ = ["ConfigError", "Secret", "Settings", "mask_url"]
+
+LOG_LEVELS: Final = ("DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL")
+SECRET_KEY_FILE: Final = "secret_key"  # noqa: S105 (a file name, not a secret)
+MIN_SECRET_KEY_LEN: Final = 32
+
+
+class ConfigError(ValueError):
+    """A configuration value is missing or invalid; ``variable`` names the culprit."""
+
+    def __init__(self, variable: str, problem: str) -> None:
+        super().__init__(f"{variable}: {problem}")
+        self.variable = variable
+
+
+class Secret:
+    """A string that never shows itself in ``repr``/``str``; call :meth:`reveal` where it is used."""
+
+    __slots__ = ("_value",)
+
+    def __init__(self, value: str) -> None:
+        self._value = value
+
+    def reveal(self) -> str:
+        return self._value
+
+    def __repr__(self) -> str:
+        return "Secret('**********')"
+
+    __str__ = __repr__
+
+    def __eq__(self, other: object) -> bool:
+        return isinstance(other, Secret) and secrets.compare_digest(self._value, other._value)
+
+    def __hash__(self) -> int:
+        return hash(("Secret", self._value))
+
+
+def mask_url(url: str) -> str:
+    """Return ``url`` with any password (or S3 secret key) replaced by ``***``."""
+    parts = urlsplit(url)
+    if parts.password is None:
+        return url
+    host = parts.hostname or ""
+    if parts.port is not None:
+        host = f"{host}:{parts.port}"
+    netloc = f"{parts.username}:***@{host}" if parts.username else f"***@{host}"
+    return urlunsplit(SplitResult(parts.scheme, netloc, parts.path, parts.query, parts.fragment))
+
+
+@dataclass(frozen=True, slots=True)
+class Settings:
+    """Everything Parley is configured with. Build it with :meth:`from_env`."""
+
+    host: str = "127.0.0.1"
+    port: int = 8080
+    data_dir: Path = Path("data").resolve()
+    database_url: str = field(default="", repr=False)
+    object_store_url: str = field(default="", repr=False)
+    secret_key: Secret = field(default_factory=lambda: Secret(secrets.token_urlsafe(48)))
+    openai_api_key: Secret | None = None
+    upstream_url: str | None = None
+    model: str = "gpt-realtime"
+    log_level: str = "INFO"
+
+    def __post_init__(self) -> None:
+        # Derived defaults depend on data_dir; frozen dataclasses need object.__setattr__ for them.
+        if not self.database_url:
+            object.__setattr__(self, "database_url", f"sqlite+aiosqlite:///{self.data_dir / 'parley.db'}")
+        if not self.object_store_url:
+            object.__setattr__(self, "object_store_url", (self.data_dir / "objects").as_uri())
+        object.__setattr__(self, "database_url", _normalise_database_url(self.database_url))
+        _check_object_store_url(self.object_store_url)
+        if not 0 < self.port < 65536:
+            raise ConfigError("PARLEY_PORT", f"must be between 1 and 65535, got {self.port}")
+        if self.log_level not in LOG_LEVELS:
+            raise ConfigError("PARLEY_LOG_LEVEL", f"must be one of {', '.join(LOG_LEVELS)}")
+        if len(self.secret_key.reveal()) < MIN_SECRET_KEY_LEN:
+            raise ConfigError("PARLEY_SECRET_KEY", f"must be at least {MIN_SECRET_KEY_LEN} characters")
+        if self.upstream_url is not None:
+            _check_upstream_url(self.upstream_url)
+        if not self.model:
+            raise ConfigError("PARLEY_MODEL", "must not be empty")
+
+    def __repr__(self) -> str:
+        return (
+            f"Settings(host={self.host!r}, port={self.port}, data_dir={str(self.data_dir)!r}, "
+            f"database_url={mask_url(self.database_url)!r}, "
+            f"object_store_url={mask_url(self.object_store_url)!r}, secret_key={self.secret_key!r}, "
+            f"openai_api_key={self.openai_api_key!r}, upstream_url={self.upstream_url!r}, "
+            f"model={self.model!r}, log_level={self.log_level!r})"
+        )
+
+    @property
+    def upstream_kind(self) -> str:
+        """``"openai"`` when a key or an explicit upstream is configured, else ``"simulator"``."""
+        return "openai" if self.openai_api_key is not None or self.upstream_url else "simulator"
+
+    @classmethod
+    def from_env(
+        cls, environ: Mapping[str, str] | None = None, *, dotenv: Path | None = Path(".env")
+    ) -> Settings:
+        """Read settings from ``environ`` (default ``os.environ``) over an optional ``.env`` file.
+
+        Creates the data directory, and the signing key file in it when ``PARLEY_SECRET_KEY`` is unset.
+        """
+        env: dict[str, str] = {}
+        if dotenv is not None and dotenv.is_file():
+            env.update({k: v for k, v in dotenv_values(dotenv).items() if v is not None})
+        env.update(os.environ if environ is None else environ)
+
+        def get(name: str) -> str | None:
+            value = env.get(name)
+            return value if value not in (None, "") else None
+
+        data_dir = Path(get("PARLEY_DATA_DIR") or "data").expanduser().resolve()
+        try:
+            data_dir.mkdir(parents=True, exist_ok=True)
+        except OSError as exc:
+            raise ConfigError("PARLEY_DATA_DIR", f"cannot create {data_dir}: {exc.strerror}") from None
+
+        key = get("PARLEY_SECRET_KEY")
+        api_key = get("OPENAI_API_KEY")
+        return cls(
+            host=get("PARLEY_HOST") or "127.0.0.1",
+            port=_int("PARLEY_PORT", get("PARLEY_PORT"), 8080),
+            data_dir=data_dir,
+            database_url=get("PARLEY_DATABASE_URL") or "",
+            object_store_url=get("PARLEY_OBJECT_STORE_URL") or "",
+            secret_key=Secret(key) if key else _load_or_create_key(data_dir),
+            openai_api_key=Secret(api_key) if api_key else None,
+            upstream_url=get("PARLEY_UPSTREAM_URL"),
+            model=get("PARLEY_MODEL") or "gpt-realtime",
+            log_level=(get("PARLEY_LOG_LEVEL") or "INFO").upper(),
+        )
+
+
+def _int(variable: str, raw: str | None, default: int) -> int:
+    if raw is None:
+        return default
+    try:
+        return int(raw)
+    except ValueError:
+        raise ConfigError(variable, f"must be an integer, got {raw!r}") from None
+
+
+def _normalise_database_url(url: str) -> str:
+    """Map plain scheme names to the async drivers Parley uses; refuse anything else."""
+    variable = "PARLEY_DATABASE_URL"
+    try:
+        parts = urlsplit(url)
+        _ = parts.port  # raises ValueError on a malformed port
+    except ValueError:
+        raise ConfigError(variable, "is not a valid URL") from None
+    scheme = parts.scheme
+    drivers = {
+        "sqlite": "sqlite+aiosqlite",
+        "sqlite+aiosqlite": "sqlite+aiosqlite",
+        "postgres": "postgresql+asyncpg",
+        "postgresql": "postgresql+asyncpg",
+        "postgresql+asyncpg": "postgresql+asyncpg",
+    }
+    if scheme not in drivers:
+        raise ConfigError(
+            variable,
+            f"unsupported scheme {scheme!r} (use sqlite+aiosqlite:///path or postgresql+asyncpg://...)",
+        )
+    if drivers[scheme].startswith("sqlite"):
+        if not parts.path or parts.path == "/":
+            raise ConfigError(variable, "a SQLite URL needs a file path, e.g. sqlite:////var/lib/parley.db")
+    elif not parts.hostname and "host=" not in parts.query:
+        raise ConfigError(variable, "a PostgreSQL URL needs a host")
+    return drivers[scheme] + url[len(scheme) :]
+
+
+def _check_object_store_url(url: str) -> None:
+    # One parser for these URLs: the object store's own, so validation cannot drift from use.
+    from storage.objects import parse_file_url, parse_s3_url
+
+    variable = "PARLEY_OBJECT_STORE_URL"
+    scheme = url.split(":", 1)[0].lower() if ":" in url else ""
+    parsers = {"file": parse_file_url, "s3": parse_s3_url}
+    if scheme not in parsers:
+        raise ConfigError(variable, f"unsupported scheme {scheme!r} (use file:// or s3://)")
+    try:
+        parsers[scheme](url)
+    except ValueError as exc:
+        raise ConfigError(variable, str(exc)) from None
+
+
+def _check_upstream_url(url: str) -> None:
+    try:
+        parts = urlsplit(url)
+        _ = parts.port
+    except ValueError:
+        raise ConfigError("PARLEY_UPSTREAM_URL", "is not a valid URL") from None
+    if parts.scheme not in ("ws", "wss") or not parts.hostname:
+        raise ConfigError(
+            "PARLEY_UPSTREAM_URL", "must be a ws:// or wss:// base URL, e.g. ws://127.0.0.1:9000/v1"
+        )
+
+
+def _load_or_create_key(data_dir: Path) -> Secret:
+    """Keep one generated signing key per data dir so tokens survive restarts."""
+    path = data_dir / SECRET_KEY_FILE
+    try:
+        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+    except FileExistsError:
+        mode = stat.S_IMODE(path.stat().st_mode)
+        if mode & 0o077:
+            raise ConfigError(
+                "PARLEY_SECRET_KEY", f"{path} is readable by others (mode {mode:o}); chmod 600 it"
+            ) from None
+        key = path.read_text(encoding="ascii").strip()
+        if len(key) < MIN_SECRET_KEY_LEN:
+            raise ConfigError("PARLEY_SECRET_KEY", f"{path} holds a key that is too short") from None
+        return Secret(key)
+    except OSError as exc:
+        raise ConfigError("PARLEY_SECRET_KEY", f"cannot create {path}: {exc.strerror}") from None
+    key = secrets.token_urlsafe(48)
+    with os.fdopen(fd, "w", encoding="ascii") as fh:
+        fh.write(key + "\n")
+    return Secret(key)

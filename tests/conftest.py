@@ -1,0 +1,78 @@
+"""Shared fixtures: settings on a temporary data dir, both database engines, both object stores."""
+
+from __future__ import annotations
+
+import asyncio
+import inspect
+from collections.abc import AsyncIterator
+from pathlib import Path
+
+import pytest
+from aiohttp.test_utils import TestClient
+from pytest_aiohttp import AiohttpClient
+
+from relay.app import build_app
+from relay.config import Settings
+from storage import migrate
+from storage.db import Database
+from tests.services import fresh_postgres_database
+
+pytest_plugins = ["tests.fixtures_s3"]
+
+
+@pytest.fixture(params=["sqlite", "postgresql"])
+async def database_url(request: pytest.FixtureRequest, tmp_path: Path) -> AsyncIterator[str]:
+    """An empty database on each engine: a SQLite file, and a fresh PostgreSQL database."""
+    if request.param == "sqlite":
+        yield f"sqlite+aiosqlite:///{tmp_path / 'parley.db'}"
+    else:
+        async with fresh_postgres_database() as url:
+            yield url
+
+
+@pytest.fixture
+async def database(database_url: str) -> AsyncIterator[Database]:
+    """A migrated database on each engine."""
+    db = Database(database_url)
+    await migrate.upgrade(db)
+    yield db
+    await db.aclose()
+
+
+@pytest.fixture
+def settings(tmp_path: Path) -> Settings:
+    """Embedded defaults on a temporary data dir (SQLite, local objects, simulator upstream)."""
+    return Settings.from_env({"PARLEY_DATA_DIR": str(tmp_path / "data")}, dotenv=None)
+
+
+@pytest.fixture
+async def migrated_settings(settings: Settings) -> Settings:
+    db = Database(settings.database_url)
+    try:
+        await migrate.upgrade(db)
+    finally:
+        await db.aclose()
+    return settings
+
+
+@pytest.fixture
+async def client(migrated_settings: Settings, aiohttp_client: AiohttpClient) -> TestClient:  # type: ignore[type-arg]
+    """The whole app on a real loopback socket, on embedded defaults."""
+    return await aiohttp_client(build_app(migrated_settings))
+
+
+@pytest.fixture
+async def _no_leaked_tasks() -> AsyncIterator[None]:
+    """Fail an async test that leaves tasks running on its event loop after its fixtures closed."""
+    yield
+    await asyncio.sleep(0)  # let tasks that were cancelled during teardown finish
+    current = asyncio.current_task()
+    leaked = [t for t in asyncio.all_tasks() if t is not current and not t.done()]
+    assert not leaked, f"leaked tasks: {sorted(t.get_name() for t in leaked)}"
+
+
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    # First in the list means set up first and torn down last, after every other fixture closed.
+    for item in items:
+        if isinstance(item, pytest.Function) and inspect.iscoroutinefunction(item.obj):
+            item.fixturenames.insert(0, "_no_leaked_tasks")

@@ -1,0 +1,127 @@
+"""Operations endpoints and error answers of the running app."""
+
+from __future__ import annotations
+
+import asyncio
+from pathlib import Path
+
+import asyncpg  # type: ignore[import-untyped]
+from aiohttp.test_utils import TestClient
+from pytest_aiohttp import AiohttpClient
+
+from relay.app import build_app
+from relay.config import Settings
+from storage import migrate
+from storage.db import Database
+from tests.fixtures_s3 import _remove_bucket
+from tests.services import POSTGRES_ADMIN_URL, fresh_postgres_database
+
+
+async def test_healthz_answers_ok(client: TestClient) -> None:  # type: ignore[type-arg]
+    """GET /healthz is 200 {"status": "ok"}."""
+    resp = await client.get("/healthz")
+    assert resp.status == 200
+    assert await resp.json() == {"status": "ok"}
+
+
+async def test_readyz_names_database_objects_and_upstream(client: TestClient) -> None:  # type: ignore[type-arg]
+    """GET /readyz is 200 with database and objects ok, and the simulator as upstream by default."""
+    resp = await client.get("/readyz")
+    assert resp.status == 200
+    assert await resp.json() == {"database": "ok", "objects": "ok", "upstream": "simulator"}
+
+
+async def test_unknown_route_is_problem_json(client: TestClient) -> None:  # type: ignore[type-arg]
+    """A missing route answers 404 as application/problem+json with a stable code."""
+    resp = await client.get("/v1/nothing-here")
+    assert resp.status == 404
+    assert resp.content_type == "application/problem+json"
+    body = await resp.json()
+    assert body["code"] == "not_found"
+    assert body["status"] == 404
+    assert set(body) >= {"type", "title", "status", "detail", "code"}
+
+
+async def test_wrong_method_is_problem_json_with_allow(client: TestClient) -> None:  # type: ignore[type-arg]
+    """A wrong method answers 405 problem+json and keeps the Allow header."""
+    resp = await client.post("/healthz", data=b"{}")
+    assert resp.status == 405
+    assert resp.content_type == "application/problem+json"
+    assert (await resp.json())["code"] == "method_not_allowed"
+    assert "GET" in resp.headers["Allow"]
+
+
+async def test_metrics_count_requests_by_route_and_status(client: TestClient) -> None:  # type: ignore[type-arg]
+    """/metrics exposes request counts and latency by route template and status, and process metrics."""
+    for _ in range(3):
+        await client.get("/healthz")
+    await client.get("/v1/nothing-here")
+    resp = await client.get("/metrics")
+    assert resp.status == 200
+    assert resp.headers["Content-Type"].startswith("text/plain")
+    text = await resp.text()
+    assert 'parley_http_requests_total{method="GET",route="/healthz",status="200"} 3.0' in text
+    assert 'parley_http_requests_total{method="GET",route="unmatched",status="404"} 1.0' in text
+    assert 'parley_http_request_duration_seconds_count{method="GET",route="/healthz"} 3.0' in text
+    assert "process_resident_memory_bytes" in text
+
+
+async def _start(aiohttp_client: AiohttpClient, tmp_path: Path, **env: str) -> TestClient:  # type: ignore[type-arg]
+    settings = Settings.from_env({"PARLEY_DATA_DIR": str(tmp_path / "data"), **env}, dotenv=None)
+    db = Database(settings.database_url)
+    try:
+        await migrate.upgrade(db)
+    finally:
+        await db.aclose()
+    return await aiohttp_client(build_app(settings))
+
+
+async def test_production_backends_are_ready(
+    aiohttp_client: AiohttpClient, tmp_path: Path, s3_store_url: str
+) -> None:
+    """On PostgreSQL and a real S3 server the app starts and /readyz is 200."""
+    async with fresh_postgres_database() as db_url:
+        client = await _start(
+            aiohttp_client, tmp_path, PARLEY_DATABASE_URL=db_url, PARLEY_OBJECT_STORE_URL=s3_store_url
+        )
+        resp = await client.get("/readyz")
+        assert resp.status == 200
+        assert await resp.json() == {"database": "ok", "objects": "ok", "upstream": "simulator"}
+        await client.close()
+
+
+async def test_readyz_names_the_database_when_it_goes_away(
+    aiohttp_client: AiohttpClient, tmp_path: Path
+) -> None:
+    """When the PostgreSQL database disappears, /readyz is 503 naming `database`, and /healthz stays 200."""
+    async with fresh_postgres_database() as db_url:
+        client = await _start(aiohttp_client, tmp_path, PARLEY_DATABASE_URL=db_url)
+        name = db_url.rsplit("/", 1)[1]
+        admin = await asyncpg.connect(POSTGRES_ADMIN_URL)
+        try:
+            await admin.execute(f'DROP DATABASE "{name}" WITH (FORCE)')
+        finally:
+            await admin.close()
+        resp = await client.get("/readyz")
+        assert resp.status == 503
+        body = await resp.json()
+        assert body["database"] == "unavailable" and body["objects"] == "ok"
+        assert body["failing"] == ["database"]
+        assert (await client.get("/healthz")).status == 200
+        metrics = await (await client.get("/metrics")).text()
+        assert 'parley_dependency_up{dependency="database"} 0.0' in metrics
+        await client.close()
+
+
+async def test_readyz_names_the_object_store_when_its_bucket_goes_away(
+    aiohttp_client: AiohttpClient, tmp_path: Path, s3_store_url: str
+) -> None:
+    """When the S3 bucket is removed under a running app, /readyz is 503 naming `objects`."""
+    client = await _start(aiohttp_client, tmp_path, PARLEY_OBJECT_STORE_URL=s3_store_url)
+    assert (await client.get("/readyz")).status == 200
+    await asyncio.to_thread(_remove_bucket, s3_store_url)
+    resp = await client.get("/readyz")
+    assert resp.status == 503
+    body = await resp.json()
+    assert body["objects"] == "unavailable" and body["database"] == "ok"
+    assert body["failing"] == ["objects"]
