@@ -16,11 +16,16 @@ from typing import Final
 from aiohttp import web
 from aiohttp.typedefs import Handler
 
-from relay.api import ops
+from relay.api import auth, ops, sessions, topics
 from relay.api.problems import problem_middleware
 from relay.config import ConfigError, Settings
-from relay.keys import DATABASE, METRICS, OBJECTS, SETTINGS
+from relay.keys import AUTHENTICATOR, DATABASE, LIMITS, METRICS, OBJECTS, PASSWORDS, SETTINGS, TOKENS
 from relay.observability.metrics import Metrics
+from relay.security.limits import Limits
+from relay.security.oidc import OidcVerifier
+from relay.security.passwords import PasswordHasher
+from relay.security.principals import Authenticator
+from relay.security.tokens import TokenService
 from storage import migrate
 from storage.db import Database, DatabaseUnavailable
 from storage.objects import ObjectStoreError, open_object_store
@@ -32,18 +37,34 @@ log = logging.getLogger("relay.app")
 WEB_DIR: Final = Path(__file__).resolve().parent.parent / "web"
 # Request bodies above this are refused with 413 before a handler reads them (SDP offers are < 64 KiB).
 MAX_BODY_BYTES: Final = 1024 * 1024
+MAX_HEADER_BYTES: Final = 16 * 1024
 
 
-def build_app(settings: Settings) -> web.Application:
-    """Create the application; resources open when it starts and close when it stops."""
+def build_app(settings: Settings, *, passwords: PasswordHasher | None = None) -> web.Application:
+    """Create the application; resources open when it starts and close when it stops.
+
+    ``passwords`` lets tests use cheaper scrypt parameters; production keeps the default.
+    """
     app = web.Application(
-        middlewares=[_metrics_middleware, problem_middleware], client_max_size=MAX_BODY_BYTES
+        middlewares=[_metrics_middleware, problem_middleware],
+        client_max_size=MAX_BODY_BYTES,
+        # Room for an oversized bearer token to reach the auth layer and get a proper 401.
+        handler_args={"max_field_size": MAX_HEADER_BYTES},
     )
     app[SETTINGS] = settings
     app[METRICS] = Metrics()
+    app[TOKENS] = TokenService(
+        settings.secret_key,
+        access_ttl_s=settings.access_token_ttl_s,
+        client_secret_ttl_s=settings.client_secret_ttl_s,
+    )
+    app[PASSWORDS] = passwords or PasswordHasher()
+    app[LIMITS] = Limits.from_settings(settings)
     app.cleanup_ctx.append(_database)
     app.cleanup_ctx.append(_object_store)
-    app.add_routes(ops.routes)
+    app.cleanup_ctx.append(_authenticator)
+    for module in (ops, auth, topics, sessions):
+        app.add_routes(module.routes)
     if (WEB_DIR / "index.html").is_file():
         app.router.add_get("/", _index)
         app.router.add_static("/static/", WEB_DIR, follow_symlinks=False)
@@ -88,6 +109,21 @@ async def _object_store(app: web.Application) -> AsyncIterator[None]:
     log.info("objects.ready", extra={"backend": store.kind})
     yield
     await store.aclose()
+
+
+async def _authenticator(app: web.Application) -> AsyncIterator[None]:
+    settings = app[SETTINGS]
+    oidc = None
+    if settings.oidc_issuer:
+        oidc = OidcVerifier(
+            settings.oidc_issuer, audience=settings.oidc_audience, jwks_url=settings.oidc_jwks_url
+        )
+    app[AUTHENTICATOR] = Authenticator(
+        app[TOKENS], app[DATABASE], oidc=oidc, admin_emails=settings.admin_emails
+    )
+    yield
+    if oidc is not None:
+        await oidc.aclose()
 
 
 @web.middleware

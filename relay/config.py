@@ -23,6 +23,7 @@ __all__ = ["ConfigError", "Secret", "Settings", "mask_url"]
 LOG_LEVELS: Final = ("DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL")
 SECRET_KEY_FILE: Final = "secret_key"  # noqa: S105 (a file name, not a secret)
 MIN_SECRET_KEY_LEN: Final = 32
+MAX_CLIENT_SECRET_TTL_S: Final = 600
 
 
 class ConfigError(ValueError):
@@ -82,6 +83,15 @@ class Settings:
     upstream_url: str | None = None
     model: str = "gpt-realtime"
     log_level: str = "INFO"
+    access_token_ttl_s: int = 3600
+    client_secret_ttl_s: int = 60
+    oidc_issuer: str | None = None
+    oidc_audience: str | None = None
+    oidc_jwks_url: str | None = None
+    admin_emails: frozenset[str] = frozenset()
+    # Abuse limits, per user per minute (429 with Retry-After past them).
+    session_create_per_minute: int = 10
+    client_secret_per_minute: int = 30
 
     def __post_init__(self) -> None:
         # Derived defaults depend on data_dir; frozen dataclasses need object.__setattr__ for them.
@@ -101,6 +111,26 @@ class Settings:
             _check_upstream_url(self.upstream_url)
         if not self.model:
             raise ConfigError("PARLEY_MODEL", "must not be empty")
+        if not 60 <= self.access_token_ttl_s <= 86400:
+            raise ConfigError("PARLEY_ACCESS_TOKEN_TTL", "must be between 60 and 86400 seconds")
+        if not 1 <= self.client_secret_ttl_s <= MAX_CLIENT_SECRET_TTL_S:
+            raise ConfigError(
+                "PARLEY_CLIENT_SECRET_TTL", f"must be between 1 and {MAX_CLIENT_SECRET_TTL_S} seconds"
+            )
+        for variable, url in (
+            ("PARLEY_OIDC_ISSUER", self.oidc_issuer),
+            ("PARLEY_OIDC_JWKS_URL", self.oidc_jwks_url),
+        ):
+            if url is not None and urlsplit(url).scheme not in ("https", "http"):
+                raise ConfigError(variable, "must be an http(s) URL")
+        if self.oidc_jwks_url and not self.oidc_issuer:
+            raise ConfigError("PARLEY_OIDC_JWKS_URL", "needs PARLEY_OIDC_ISSUER too")
+        for variable, value in (
+            ("PARLEY_SESSIONS_PER_MINUTE", self.session_create_per_minute),
+            ("PARLEY_CLIENT_SECRETS_PER_MINUTE", self.client_secret_per_minute),
+        ):
+            if value < 1:
+                raise ConfigError(variable, "must be at least 1")
 
     def __repr__(self) -> str:
         return (
@@ -108,7 +138,8 @@ class Settings:
             f"database_url={mask_url(self.database_url)!r}, "
             f"object_store_url={mask_url(self.object_store_url)!r}, secret_key={self.secret_key!r}, "
             f"openai_api_key={self.openai_api_key!r}, upstream_url={self.upstream_url!r}, "
-            f"model={self.model!r}, log_level={self.log_level!r})"
+            f"model={self.model!r}, log_level={self.log_level!r}, "
+            f"oidc_issuer={self.oidc_issuer!r}, admin_emails=<{len(self.admin_emails)}>)"
         )
 
     @property
@@ -152,6 +183,20 @@ class Settings:
             upstream_url=get("PARLEY_UPSTREAM_URL"),
             model=get("PARLEY_MODEL") or "gpt-realtime",
             log_level=(get("PARLEY_LOG_LEVEL") or "INFO").upper(),
+            access_token_ttl_s=_int("PARLEY_ACCESS_TOKEN_TTL", get("PARLEY_ACCESS_TOKEN_TTL"), 3600),
+            client_secret_ttl_s=_int("PARLEY_CLIENT_SECRET_TTL", get("PARLEY_CLIENT_SECRET_TTL"), 60),
+            oidc_issuer=get("PARLEY_OIDC_ISSUER"),
+            oidc_audience=get("PARLEY_OIDC_AUDIENCE"),
+            oidc_jwks_url=get("PARLEY_OIDC_JWKS_URL"),
+            admin_emails=frozenset(
+                e.strip().lower() for e in (get("PARLEY_ADMIN_EMAILS") or "").split(",") if e.strip()
+            ),
+            session_create_per_minute=_int(
+                "PARLEY_SESSIONS_PER_MINUTE", get("PARLEY_SESSIONS_PER_MINUTE"), 10
+            ),
+            client_secret_per_minute=_int(
+                "PARLEY_CLIENT_SECRETS_PER_MINUTE", get("PARLEY_CLIENT_SECRETS_PER_MINUTE"), 30
+            ),
         )
 
 

@@ -7,6 +7,8 @@
     ├── NotFound                    missing, or someone else's (never an oracle)  (404)
     ├── Conflict                    the resource is in the wrong state           (409)
     ├── Unauthorized                missing or bad credentials                   (401)
+    ├── Forbidden                   authenticated, but not allowed (admin only)   (403)
+    ├── RateLimited                 too many attempts; ``retry_after_s``          (429 + Retry-After)
     ├── CapacityError               this node cannot take more work now          (503 + Retry-After)
     ├── DependencyError             a dependency failed; ``retryable`` says if trying again may help
     │   ├── StorageError            database or object store
@@ -25,7 +27,9 @@ __all__ = [
     "CapacityError",
     "Conflict",
     "DependencyError",
+    "Forbidden",
     "NotFound",
+    "RateLimited",
     "RelayError",
     "StorageError",
     "Unauthorized",
@@ -64,6 +68,18 @@ class Conflict(RelayError):
 
 class Unauthorized(RelayError):
     code = "unauthorized"
+
+
+class Forbidden(RelayError):
+    code = "forbidden"
+
+
+class RateLimited(RelayError):
+    code = "rate_limited"
+
+    def __init__(self, detail: str, *, retry_after_s: int, code: str | None = None) -> None:
+        super().__init__(detail, code=code)
+        self.retry_after_s = max(1, retry_after_s)
 
 
 class CapacityError(RelayError):

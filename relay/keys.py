@@ -6,6 +6,10 @@ from aiohttp import web
 
 from relay.config import Settings
 from relay.observability.metrics import Metrics
+from relay.security.limits import Limits
+from relay.security.passwords import PasswordHasher
+from relay.security.principals import Authenticator
+from relay.security.tokens import TokenService
 from storage.db import Database
 from storage.objects import ObjectStore
 
@@ -13,3 +17,7 @@ SETTINGS = web.AppKey("settings", Settings)
 METRICS = web.AppKey("metrics", Metrics)
 DATABASE = web.AppKey("database", Database)
 OBJECTS = web.AppKey("objects", ObjectStore)
+TOKENS = web.AppKey("tokens", TokenService)
+AUTHENTICATOR = web.AppKey("authenticator", Authenticator)
+PASSWORDS = web.AppKey("passwords", PasswordHasher)
+LIMITS = web.AppKey("limits", Limits)

@@ -13,11 +13,15 @@ from pytest_aiohttp import AiohttpClient
 
 from relay.app import build_app
 from relay.config import Settings
+from relay.security.passwords import PasswordHasher
 from storage import migrate
 from storage.db import Database
 from tests.services import fresh_postgres_database
 
-pytest_plugins = ["tests.fixtures_s3"]
+pytest_plugins = ["tests.fixtures_s3", "tests.fixtures_oidc"]
+
+# scrypt at n=2**10 keeps API tests quick; tests/unit/test_passwords.py covers the real cost.
+FAST_PASSWORDS = PasswordHasher(log2_n=10)
 
 
 @pytest.fixture(params=["sqlite", "postgresql"])
@@ -58,7 +62,7 @@ async def migrated_settings(settings: Settings) -> Settings:
 @pytest.fixture
 async def client(migrated_settings: Settings, aiohttp_client: AiohttpClient) -> TestClient:  # type: ignore[type-arg]
     """The whole app on a real loopback socket, on embedded defaults."""
-    return await aiohttp_client(build_app(migrated_settings))
+    return await aiohttp_client(build_app(migrated_settings, passwords=FAST_PASSWORDS))
 
 
 @pytest.fixture

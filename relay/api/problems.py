@@ -20,6 +20,8 @@ __all__ = ["problem", "problem_middleware"]
 log = logging.getLogger("relay.api")
 
 PROBLEM_TYPE: Final = "application/problem+json"
+# BadRequest codes that mean "well-formed but fails the schema" (422) rather than malformed (400).
+UNPROCESSABLE_CODES: Final = frozenset({"invalid_request", "confirmation_invalid"})
 
 # aiohttp's own HTTP exceptions (routing, body size) mapped to our stable codes.
 _HTTP_CODES: Final = {
@@ -42,6 +44,8 @@ _ERROR_STATUS: Final[tuple[tuple[type[errors.RelayError], int], ...]] = (
     (errors.Unauthorized, 401),
     (errors.NotFound, 404),
     (errors.Conflict, 409),
+    (errors.Forbidden, 403),
+    (errors.RateLimited, 429),
     (errors.CapacityError, 503),
     (errors.DependencyError, 503),
 )
@@ -68,8 +72,10 @@ def problem(
 
 
 def _status_for(exc: errors.RelayError) -> int:
-    if isinstance(exc, errors.BadRequest) and exc.code in ("invalid_request", "validation_error"):
+    if isinstance(exc, errors.BadRequest) and exc.code in UNPROCESSABLE_CODES:
         return 422
+    if isinstance(exc, errors.BadRequest) and exc.code == "request_too_large":
+        return 413
     for kind, status in _ERROR_STATUS:
         if isinstance(exc, kind):
             return status
@@ -83,8 +89,10 @@ async def problem_middleware(request: web.Request, handler: Handler) -> web.Stre
     except errors.RelayError as exc:
         status = _status_for(exc)
         headers = {}
-        if isinstance(exc, errors.CapacityError):
+        if isinstance(exc, (errors.CapacityError, errors.RateLimited)):
             headers["Retry-After"] = str(exc.retry_after_s)
+        if isinstance(exc, errors.Unauthorized):
+            headers["WWW-Authenticate"] = "Bearer"
         extra: dict[str, Any] = {}
         if isinstance(exc, errors.BadRequest) and exc.field is not None:
             extra["field"] = exc.field

@@ -15,6 +15,8 @@ from pathlib import Path
 
 import pytest
 
+from storage.migrate import head_revision
+
 ROOT = Path(__file__).resolve().parents[2]
 PARLEY = [sys.executable, "-m", "relay"]
 
@@ -80,7 +82,7 @@ def test_migrate_then_serve_answers_and_stops_on_sigterm(
         [*PARLEY, "migrate"], env=env, cwd=ROOT, capture_output=True, text=True, timeout=60
     )
     assert migrated.returncode == 0, migrated.stderr
-    assert "empty -> 0001" in migrated.stdout
+    assert f"empty -> {head_revision()}" in migrated.stdout
     proc = subprocess.Popen(
         [*PARLEY, "serve"], env=env, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
         start_new_session=True,

@@ -140,3 +140,30 @@ def test_formatter_output_is_one_json_object_per_line() -> None:
     data = json.loads(out)
     assert data["event"] == "a.b" and data["level"] == "info" and data["logger"] == "relay.x"
     assert data["ts"].endswith("Z")
+
+
+async def test_account_flows_leave_no_password_token_or_email_in_logs(
+    client: TestClient,  # type: ignore[type-arg]
+    captured_logs: io.StringIO,
+) -> None:
+    """Sign-up, sign-in (right and wrong), /v1/me, sessions and secrets log no password, token or email."""
+    email, password = "canary.signup@example.org", "purple-canary-password-42"
+    resp = await client.post("/v1/auth/signup", json={"email": email, "password": password})
+    signup = await resp.json()
+    await client.post("/v1/auth/token", json={"email": email, "password": "wrong-canary-password"})
+    login = await (await client.post("/v1/auth/token", json={"email": email, "password": password})).json()
+    auth = {"Authorization": f"Bearer {login['access_token']}"}
+    await client.get("/v1/me", headers=auth)
+    created = await (await client.post("/v1/sessions", json={"topic_id": "cafe-order"}, headers=auth)).json()
+    await client.get("/v1/me", headers={"Authorization": f"Bearer {login['access_token']}x"})
+    await client.post("/v1/auth/signup", json={"email": email, "password": password})  # 409
+    output = captured_logs.getvalue()
+    assert '"event":"auth.login_failed"' in output and '"event":"session.created"' in output
+    secrets = [
+        email, password, "wrong-canary-password", signup["access_token"], login["access_token"],
+        created["client_secret"]["value"], signup["user"]["id"],
+    ]  # fmt: skip
+    for value in secrets:
+        assert value not in output
+    for token in (login["access_token"], created["client_secret"]["value"]):
+        assert token.split(".")[2] not in output  # not even the signature part

@@ -82,7 +82,11 @@ def test_plain_database_schemes_map_to_async_drivers(tmp_path: Path) -> None:
         ("PARLEY_OBJECT_STORE_URL", "ftp://x/y", "unsupported scheme 'ftp'"),
         ("PARLEY_OBJECT_STORE_URL", "s3://minio:9000/bucket", "needs credentials"),
         ("PARLEY_OBJECT_STORE_URL", "s3://a:b@minio:9000/", "has no bucket"),
-        ("PARLEY_OBJECT_STORE_URL", "s3://a:b@minio:9000/bkt?colour=red", "unknown S3 object store URL option"),
+        (
+            "PARLEY_OBJECT_STORE_URL",
+            "s3://a:b@minio:9000/bkt?colour=red",
+            "unknown S3 object store URL option",
+        ),
         ("PARLEY_OBJECT_STORE_URL", "file://relative/path", "file:///ABSOLUTE/PATH"),
         ("PARLEY_PORT", "eighty", "must be an integer"),
         ("PARLEY_PORT", "70000", "between 1 and 65535"),

@@ -1,0 +1,118 @@
+"""Session resources: create, mint client secrets, list, read. Always scoped to the owner."""
+
+from __future__ import annotations
+
+import logging
+from typing import Any, Final
+
+from aiohttp import web
+from pydantic import Field
+
+from relay.api.body import Schema, read_json
+from relay.api.deps import current_principal
+from relay.api.views import iso, session_view
+from relay.errors import BadRequest, Conflict, NotFound, RateLimited
+from relay.keys import DATABASE, LIMITS, TOKENS
+from relay.observability.logging import hash_id
+from relay.security.principals import Principal
+from storage import sessions, topics
+from storage.models import SessionStatus
+
+__all__ = ["routes"]
+
+log = logging.getLogger("relay.api.sessions")
+routes = web.RouteTableDef()
+
+DEFAULT_PAGE: Final = 20
+MAX_PAGE: Final = 100
+# A secret can only start or resume a conversation that is still going.
+MINTABLE: Final = frozenset(
+    {SessionStatus.CREATED, SessionStatus.CONNECTING, SessionStatus.LIVE, SessionStatus.RECONNECTING}
+)
+NOT_FOUND: Final = "No such session."
+
+
+class NewSession(Schema):
+    topic_id: str = Field(min_length=1, max_length=64)
+
+
+async def _mint_secret(request: web.Request, principal: Principal, session_id: str) -> dict[str, Any]:
+    """Mint a client secret and record its jti, inside the caller's checks."""
+    wait = request.app[LIMITS].secret_minting.hit(principal.user_id)
+    if wait:
+        raise RateLimited("Too many client secrets; slow down.", retry_after_s=wait)
+    token, claims = request.app[TOKENS].mint_client_secret(principal.user_id, session_id)
+    async with request.app[DATABASE].sessions.begin() as s:
+        await sessions.record_client_secret(
+            s, jti=claims.jti, session_id=session_id, expires_at=claims.expires_at
+        )
+    return {"value": token, "expires_at": iso(claims.expires_at)}
+
+
+@routes.post("/v1/sessions")
+async def create_session(request: web.Request) -> web.Response:
+    """A private session in ``created`` and a client secret to connect it."""
+    principal = await current_principal(request)
+    body = await read_json(request, NewSession)
+    wait = request.app[LIMITS].session_creation.hit(principal.user_id)
+    if wait:
+        raise RateLimited("Too many new sessions; try again shortly.", retry_after_s=wait)
+    async with request.app[DATABASE].sessions.begin() as s:
+        if await topics.get_topic(s, body.topic_id) is None:
+            raise BadRequest("topic_id: no such topic", code="invalid_request", field="topic_id")
+        session = await sessions.create_session(
+            s, user_id=principal.user_id, topic_id=body.topic_id, user_hash=hash_id(principal.user_id)
+        )
+    log.info("session.created", extra={"session_id": session.id, "user": hash_id(principal.user_id)})
+    secret = await _mint_secret(request, principal, session.id)
+    return web.json_response(
+        {"session": session_view(session), "client_secret": secret},
+        status=201,
+        headers={"Location": f"/v1/sessions/{session.id}", "Cache-Control": "no-store"},
+    )
+
+
+@routes.post("/v1/sessions/{session_id}/client-secret")
+async def mint_client_secret(request: web.Request) -> web.Response:
+    principal = await current_principal(request)
+    async with request.app[DATABASE].sessions() as s:
+        session = await sessions.get_owned_session(s, request.match_info["session_id"], principal.user_id)
+    if session is None:
+        raise NotFound(NOT_FOUND)
+    if session.status not in MINTABLE:
+        raise Conflict("The session has ended.", code="session_ended")
+    secret = await _mint_secret(request, principal, session.id)
+    return web.json_response(secret, status=201, headers={"Cache-Control": "no-store"})
+
+
+@routes.get("/v1/sessions")
+async def list_sessions(request: web.Request) -> web.Response:
+    principal = await current_principal(request)
+    raw_limit = request.query.get("limit", str(DEFAULT_PAGE))
+    if not raw_limit.isdigit() or not 1 <= int(raw_limit) <= MAX_PAGE:
+        raise BadRequest(
+            f"limit: must be an integer from 1 to {MAX_PAGE}", code="invalid_request", field="limit"
+        )
+    cursor = request.query.get("cursor") or None
+    try:
+        async with request.app[DATABASE].sessions() as s:
+            page = await sessions.list_owned_sessions(
+                s, principal.user_id, limit=int(raw_limit), cursor=cursor
+            )
+    except sessions.InvalidCursor:
+        raise BadRequest(
+            "cursor: not a cursor this API handed out", code="invalid_request", field="cursor"
+        ) from None
+    return web.json_response(
+        {"sessions": [session_view(x) for x in page.sessions], "next_cursor": page.next_cursor}
+    )
+
+
+@routes.get("/v1/sessions/{session_id}")
+async def get_session(request: web.Request) -> web.Response:
+    principal = await current_principal(request)
+    async with request.app[DATABASE].sessions() as s:
+        session = await sessions.get_owned_session(s, request.match_info["session_id"], principal.user_id)
+    if session is None:
+        raise NotFound(NOT_FOUND)
+    return web.json_response(session_view(session))

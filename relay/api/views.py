@@ -1,0 +1,53 @@
+"""JSON shapes of API.md, built from rows. The only place that decides what a client sees."""
+
+from __future__ import annotations
+
+from datetime import datetime
+from typing import Any
+
+from storage.models import Session, Topic, User
+
+__all__ = ["iso", "session_view", "topic_view", "user_view"]
+
+
+def iso(when: datetime | None) -> str | None:
+    """RFC 3339 UTC with a ``Z``, as API.md asks."""
+    if when is None:
+        return None
+    return when.isoformat(timespec="milliseconds").replace("+00:00", "Z")
+
+
+def user_view(user: User) -> dict[str, Any]:
+    return {"id": user.id, "email": user.email, "created_at": iso(user.created_at)}
+
+
+def topic_view(topic: Topic, *, admin: bool = False) -> dict[str, Any]:
+    view: dict[str, Any] = {
+        "id": topic.id,
+        "title": topic.title,
+        "prompts": list(topic.prompts),
+        "difficulty": topic.difficulty,
+        "hints": list(topic.hints),
+    }
+    if admin:
+        view.update(
+            instructions=topic.instructions,
+            turn_detection=topic.turn_detection,
+            retired_at=iso(topic.retired_at),
+        )
+    return view
+
+
+def session_view(session: Session) -> dict[str, Any]:
+    return {
+        "id": session.id,
+        "topic_id": session.topic_id,
+        "status": session.status,
+        "visibility": session.visibility,
+        "created_at": iso(session.created_at),
+        "started_at": iso(session.started_at),
+        "ended_at": iso(session.ended_at),
+        "duration_ms": session.duration_ms,
+        "audio": [],
+        "rating": None,
+    }

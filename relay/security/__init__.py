@@ -1,0 +1,1 @@
+"""Credentials: Parley's own tokens, OIDC bearer tokens, API keys."""

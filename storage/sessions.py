@@ -1,0 +1,128 @@
+"""Practice sessions: creation, owner-scoped reads, cursor pages, client-secret bookkeeping.
+
+Owner scoping lives in the queries themselves: a session that belongs to someone else is simply not
+found, so no caller can turn a permission check into an existence oracle by forgetting it.
+"""
+
+from __future__ import annotations
+
+import base64
+import binascii
+from collections.abc import Sequence
+from dataclasses import dataclass
+from datetime import datetime
+from enum import StrEnum
+
+from sqlalchemy import and_, or_, select, update
+from sqlalchemy.ext.asyncio import AsyncSession
+
+from storage import audit
+from storage.models import ClientSecret, Session, SessionStatus, utcnow
+
+__all__ = [
+    "InvalidCursor",
+    "Page",
+    "Redemption",
+    "create_session",
+    "get_owned_session",
+    "list_owned_sessions",
+    "record_client_secret",
+    "redeem_client_secret",
+]
+
+
+class InvalidCursor(ValueError):
+    """A pagination cursor that Parley did not hand out."""
+
+
+@dataclass(frozen=True, slots=True)
+class Page:
+    sessions: Sequence[Session]
+    next_cursor: str | None
+
+
+class Redemption(StrEnum):
+    OK = "ok"
+    USED = "used"
+    EXPIRED = "expired"
+    UNKNOWN = "unknown"
+
+
+async def create_session(s: AsyncSession, *, user_id: str, topic_id: str, user_hash: str) -> Session:
+    """A new private session in ``created``, with its audit event, in the caller's transaction."""
+    session = Session(user_id=user_id, topic_id=topic_id, status=SessionStatus.CREATED, visibility="private")
+    s.add(session)
+    await s.flush()
+    audit.record(s, "session.created", session_id=session.id, user_hash=user_hash, to_status=session.status)
+    return session
+
+
+async def get_owned_session(s: AsyncSession, session_id: str, user_id: str) -> Session | None:
+    query = select(Session).where(Session.id == session_id, Session.user_id == user_id)
+    return (await s.execute(query)).scalar_one_or_none()
+
+
+def _encode_cursor(session: Session) -> str:
+    raw = f"{session.created_at.isoformat()}|{session.id}".encode()
+    return base64.urlsafe_b64encode(raw).decode().rstrip("=")
+
+
+def _decode_cursor(cursor: str) -> tuple[datetime, str]:
+    try:
+        raw = base64.urlsafe_b64decode(cursor + "=" * (-len(cursor) % 4)).decode()
+        created, session_id = raw.split("|", 1)
+        when = datetime.fromisoformat(created)
+    except (binascii.Error, UnicodeDecodeError, ValueError):
+        raise InvalidCursor(cursor) from None
+    if when.tzinfo is None or not session_id:
+        raise InvalidCursor(cursor)
+    return when, session_id
+
+
+async def list_owned_sessions(s: AsyncSession, user_id: str, *, limit: int, cursor: str | None) -> Page:
+    """The user's sessions, newest first, ``limit`` at a time; ties on time are ordered by id."""
+    query = select(Session).where(Session.user_id == user_id)
+    if cursor is not None:
+        when, last_id = _decode_cursor(cursor)
+        query = query.where(
+            or_(Session.created_at < when, and_(Session.created_at == when, Session.id < last_id))
+        )
+    query = query.order_by(Session.created_at.desc(), Session.id.desc()).limit(limit + 1)
+    rows = (await s.execute(query)).scalars().all()
+    more = len(rows) > limit
+    rows = rows[:limit]
+    return Page(rows, _encode_cursor(rows[-1]) if more and rows else None)
+
+
+async def record_client_secret(s: AsyncSession, *, jti: str, session_id: str, expires_at: datetime) -> None:
+    """Remember a minted secret by its id and expiry only; the token itself is never stored."""
+    s.add(ClientSecret(jti=jti, session_id=session_id, scope="webrtc", expires_at=expires_at))
+    await s.flush()
+
+
+async def redeem_client_secret(s: AsyncSession, *, jti: str, session_id: str) -> Redemption:
+    """Mark a secret used, atomically: of two concurrent redemptions exactly one gets ``OK``."""
+    now = utcnow()
+    result = await s.execute(
+        update(ClientSecret)
+        .where(
+            ClientSecret.jti == jti,
+            ClientSecret.session_id == session_id,
+            ClientSecret.used_at.is_(None),
+            ClientSecret.expires_at > now,
+        )
+        .values(used_at=now)
+        .execution_options(synchronize_session=False)
+    )
+    if result.rowcount == 1:  # type: ignore[attr-defined]
+        return Redemption.OK
+    row = (
+        await s.execute(
+            select(ClientSecret).where(ClientSecret.jti == jti, ClientSecret.session_id == session_id)
+        )
+    ).scalar_one_or_none()
+    if row is None:
+        return Redemption.UNKNOWN
+    if row.used_at is not None:
+        return Redemption.USED
+    return Redemption.EXPIRED

@@ -1,0 +1,39 @@
+"""Small helpers for API tests: sign up learners and call the API as them."""
+
+from __future__ import annotations
+
+import secrets
+from dataclasses import dataclass
+from typing import Any
+
+from aiohttp.test_utils import TestClient
+
+PASSWORD = "correct horse battery"
+
+
+@dataclass
+class Learner:
+    id: str
+    email: str
+    token: str
+
+    @property
+    def auth(self) -> dict[str, str]:
+        return {"Authorization": f"Bearer {self.token}"}
+
+
+async def signup(client: TestClient, email: str | None = None) -> Learner:  # type: ignore[type-arg]
+    email = email or f"learner-{secrets.token_hex(4)}@example.org"
+    resp = await client.post("/v1/auth/signup", json={"email": email, "password": PASSWORD})
+    assert resp.status == 201, await resp.text()
+    body = await resp.json()
+    return Learner(body["user"]["id"], body["user"]["email"], body["access_token"])
+
+
+async def problem(resp: Any, status: int, code: str) -> dict[str, Any]:
+    """Assert ``resp`` is a problem+json answer with this status and code; return its body."""
+    assert resp.status == status, await resp.text()
+    assert resp.content_type == "application/problem+json"
+    body: dict[str, Any] = await resp.json()
+    assert body["code"] == code and body["status"] == status
+    return body
