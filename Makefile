@@ -13,8 +13,8 @@ help:  ## list the targets
 
 $(STAMP): pyproject.toml
 	@tests/tools/ensure-python.sh "$(PYTHON)" "$(VENV)"
-	$(BIN)/pip install --quiet --upgrade pip
-	$(BIN)/pip install --quiet -e '.[dev]'
+	PYTHONWARNINGS=ignore $(BIN)/pip install --quiet --upgrade pip
+	PYTHONWARNINGS=ignore $(BIN)/pip install --quiet -e '.[dev]'
 	@touch $@
 
 venv: $(STAMP)  ## create .venv and install Parley with its dev tools

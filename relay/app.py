@@ -19,13 +19,24 @@ from aiohttp.typedefs import Handler
 from relay.api import auth, ops, sessions, topics
 from relay.api.problems import problem_middleware
 from relay.config import ConfigError, Settings
-from relay.keys import AUTHENTICATOR, DATABASE, LIMITS, METRICS, OBJECTS, PASSWORDS, SETTINGS, TOKENS
+from relay.keys import (
+    AUTHENTICATOR,
+    DATABASE,
+    LIMITS,
+    METRICS,
+    OBJECTS,
+    PASSWORDS,
+    SETTINGS,
+    TOKENS,
+    UPSTREAM,
+)
 from relay.observability.metrics import Metrics
 from relay.security.limits import Limits
 from relay.security.oidc import OidcVerifier
 from relay.security.passwords import PasswordHasher
 from relay.security.principals import Authenticator
 from relay.security.tokens import TokenService
+from relay.upstream import open_upstream
 from storage import migrate
 from storage.db import Database, DatabaseUnavailable
 from storage.objects import ObjectStoreError, open_object_store
@@ -63,6 +74,7 @@ def build_app(settings: Settings, *, passwords: PasswordHasher | None = None) ->
     app.cleanup_ctx.append(_database)
     app.cleanup_ctx.append(_object_store)
     app.cleanup_ctx.append(_authenticator)
+    app.cleanup_ctx.append(_upstream)
     for module in (ops, auth, topics, sessions):
         app.add_routes(module.routes)
     if (WEB_DIR / "index.html").is_file():
@@ -124,6 +136,13 @@ async def _authenticator(app: web.Application) -> AsyncIterator[None]:
     yield
     if oidc is not None:
         await oidc.aclose()
+
+
+async def _upstream(app: web.Application) -> AsyncIterator[None]:
+    async for upstream in open_upstream(app[SETTINGS]):
+        app[UPSTREAM] = upstream
+        log.info("upstream.ready", extra={"upstream": upstream.kind})
+        yield
 
 
 @web.middleware

@@ -7,13 +7,15 @@ clear line instead of half-starting.
 
 from __future__ import annotations
 
+import ipaddress
+import json
 import os
 import secrets
 import stat
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Final
+from typing import Any, Final
 from urllib.parse import SplitResult, urlsplit, urlunsplit
 
 from dotenv import dotenv_values
@@ -92,6 +94,16 @@ class Settings:
     # Abuse limits, per user per minute (429 with Retry-After past them).
     session_create_per_minute: int = 10
     client_secret_per_minute: int = 30
+    # Live sessions (WebRTC and the model link).
+    ice_servers: tuple[dict[str, Any], ...] = ()
+    rtc_host_addresses: tuple[str, ...] = ()
+    rtc_remote_allow: tuple[str, ...] = ()
+    reconnect_grace_s: float = 30.0
+    max_session_s: float = 3600.0
+    max_sessions: int = 15
+    max_loop_lag_ms: float = 150.0
+    drain_timeout_s: float = 60.0
+    coach_bitrate: int = 32000
 
     def __post_init__(self) -> None:
         # Derived defaults depend on data_dir; frozen dataclasses need object.__setattr__ for them.
@@ -125,7 +137,28 @@ class Settings:
                 raise ConfigError(variable, "must be an http(s) URL")
         if self.oidc_jwks_url and not self.oidc_issuer:
             raise ConfigError("PARLEY_OIDC_JWKS_URL", "needs PARLEY_OIDC_ISSUER too")
+        if not 1 <= self.reconnect_grace_s <= 600:
+            raise ConfigError("PARLEY_RECONNECT_GRACE", "must be between 1 and 600 seconds")
+        if not 10 <= self.max_session_s <= 4 * 3600:
+            raise ConfigError("PARLEY_MAX_SESSION_SECONDS", "must be between 10 and 14400 seconds")
+        if not 6000 <= self.coach_bitrate <= 128000:
+            raise ConfigError("PARLEY_COACH_BITRATE", "must be between 6000 and 128000 bit/s")
+        for address in self.rtc_host_addresses:
+            try:
+                ipaddress.ip_address(address)
+            except ValueError:
+                raise ConfigError("PARLEY_RTC_HOST_ADDRESSES", f"{address!r} is not an IP address") from None
+        for network in self.rtc_remote_allow:
+            try:
+                ipaddress.ip_network(network, strict=False)
+            except ValueError:
+                raise ConfigError("PARLEY_RTC_REMOTE_ALLOW", f"{network!r} is not a network (CIDR)") from None
+        for server in self.ice_servers:
+            urls = server.get("urls")
+            if not isinstance(urls, (str, list)):
+                raise ConfigError("PARLEY_ICE_SERVERS", "each server needs `urls` (a string or a list)")
         for variable, value in (
+            ("PARLEY_MAX_SESSIONS", self.max_sessions),
             ("PARLEY_SESSIONS_PER_MINUTE", self.session_create_per_minute),
             ("PARLEY_CLIENT_SECRETS_PER_MINUTE", self.client_secret_per_minute),
         ):
@@ -139,7 +172,8 @@ class Settings:
             f"object_store_url={mask_url(self.object_store_url)!r}, secret_key={self.secret_key!r}, "
             f"openai_api_key={self.openai_api_key!r}, upstream_url={self.upstream_url!r}, "
             f"model={self.model!r}, log_level={self.log_level!r}, "
-            f"oidc_issuer={self.oidc_issuer!r}, admin_emails=<{len(self.admin_emails)}>)"
+            f"oidc_issuer={self.oidc_issuer!r}, admin_emails=<{len(self.admin_emails)}>, "
+            f"ice_servers=<{len(self.ice_servers)}>, max_sessions={self.max_sessions})"
         )
 
     @property
@@ -197,6 +231,15 @@ class Settings:
             client_secret_per_minute=_int(
                 "PARLEY_CLIENT_SECRETS_PER_MINUTE", get("PARLEY_CLIENT_SECRETS_PER_MINUTE"), 30
             ),
+            ice_servers=_ice_servers(get("PARLEY_ICE_SERVERS")),
+            rtc_host_addresses=_csv(get("PARLEY_RTC_HOST_ADDRESSES")),
+            rtc_remote_allow=_csv(get("PARLEY_RTC_REMOTE_ALLOW")),
+            reconnect_grace_s=_float("PARLEY_RECONNECT_GRACE", get("PARLEY_RECONNECT_GRACE"), 30.0),
+            max_session_s=_float("PARLEY_MAX_SESSION_SECONDS", get("PARLEY_MAX_SESSION_SECONDS"), 3600.0),
+            max_sessions=_int("PARLEY_MAX_SESSIONS", get("PARLEY_MAX_SESSIONS"), 15),
+            max_loop_lag_ms=_float("PARLEY_MAX_LOOP_LAG_MS", get("PARLEY_MAX_LOOP_LAG_MS"), 150.0),
+            drain_timeout_s=_float("PARLEY_DRAIN_TIMEOUT", get("PARLEY_DRAIN_TIMEOUT"), 60.0),
+            coach_bitrate=_int("PARLEY_COACH_BITRATE", get("PARLEY_COACH_BITRATE"), 32000),
         )
 
 
@@ -207,6 +250,34 @@ def _int(variable: str, raw: str | None, default: int) -> int:
         return int(raw)
     except ValueError:
         raise ConfigError(variable, f"must be an integer, got {raw!r}") from None
+
+
+def _float(variable: str, raw: str | None, default: float) -> float:
+    if raw is None:
+        return default
+    try:
+        value = float(raw)
+    except ValueError:
+        raise ConfigError(variable, f"must be a number, got {raw!r}") from None
+    if value != value or value in (float("inf"), float("-inf")):
+        raise ConfigError(variable, "must be a finite number")
+    return value
+
+
+def _csv(raw: str | None) -> tuple[str, ...]:
+    return tuple(part.strip() for part in (raw or "").split(",") if part.strip())
+
+
+def _ice_servers(raw: str | None) -> tuple[dict[str, Any], ...]:
+    if raw is None:
+        return ()
+    try:
+        value = json.loads(raw)
+    except json.JSONDecodeError:
+        raise ConfigError("PARLEY_ICE_SERVERS", "is not valid JSON") from None
+    if not isinstance(value, list) or not all(isinstance(v, dict) for v in value):
+        raise ConfigError("PARLEY_ICE_SERVERS", 'must be a JSON list like [{"urls": "stun:host:3478"}]')
+    return tuple(value)
 
 
 def _normalise_database_url(url: str) -> str:

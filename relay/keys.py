@@ -10,6 +10,7 @@ from relay.security.limits import Limits
 from relay.security.passwords import PasswordHasher
 from relay.security.principals import Authenticator
 from relay.security.tokens import TokenService
+from relay.upstream import Upstream
 from storage.db import Database
 from storage.objects import ObjectStore
 
@@ -21,3 +22,4 @@ TOKENS = web.AppKey("tokens", TokenService)
 AUTHENTICATOR = web.AppKey("authenticator", Authenticator)
 PASSWORDS = web.AppKey("passwords", PasswordHasher)
 LIMITS = web.AppKey("limits", Limits)
+UPSTREAM = web.AppKey("upstream", Upstream)

@@ -8,7 +8,7 @@ from typing import Final
 
 from aiohttp import web
 
-from relay.keys import DATABASE, METRICS, OBJECTS, SETTINGS
+from relay.keys import DATABASE, METRICS, OBJECTS, UPSTREAM
 
 __all__ = ["routes"]
 
@@ -43,7 +43,7 @@ async def readyz(request: web.Request) -> web.Response:
         if not ok:
             failing.append(name)
             log.warning("ready.check_failed", extra={"component": name, "error_type": type(result).__name__})
-    body["upstream"] = app[SETTINGS].upstream_kind
+    body["upstream"] = app[UPSTREAM].kind
     if failing:
         return web.json_response({**body, "code": "not_ready", "failing": failing}, status=503)
     return web.json_response(body)

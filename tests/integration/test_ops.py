@@ -125,3 +125,30 @@ async def test_readyz_names_the_object_store_when_its_bucket_goes_away(
     body = await resp.json()
     assert body["objects"] == "unavailable" and body["database"] == "ok"
     assert body["failing"] == ["objects"]
+
+
+async def test_embedded_simulator_serves_the_sdk(client: TestClient) -> None:  # type: ignore[type-arg]
+    """Without a key the app runs the simulator on loopback, and the official SDK gets a session from it."""
+    from relay.keys import UPSTREAM
+
+    upstream = client.app[UPSTREAM]
+    assert upstream.kind == "simulator"
+    assert upstream.websocket_base_url is not None and upstream.websocket_base_url.startswith(
+        "ws://127.0.0.1:"
+    )
+    sdk = upstream.client()
+    try:
+        async with sdk.realtime.connect(model="gpt-realtime") as conn:
+            first = await conn.recv()
+            assert first.type == "session.created"
+    finally:
+        await sdk.close()
+
+
+async def test_configured_upstream_is_reported_as_openai(
+    aiohttp_client: AiohttpClient, tmp_path: Path
+) -> None:
+    """With PARLEY_UPSTREAM_URL set, no simulator starts and /readyz names `openai`."""
+    client = await _start(aiohttp_client, tmp_path, PARLEY_UPSTREAM_URL="ws://127.0.0.1:9/v1")
+    body = await (await client.get("/readyz")).json()
+    assert body["upstream"] == "openai"

@@ -93,6 +93,18 @@ def test_plain_database_schemes_map_to_async_drivers(tmp_path: Path) -> None:
         ("PARLEY_LOG_LEVEL", "LOUD", "must be one of"),
         ("PARLEY_SECRET_KEY", "short", "at least 32 characters"),
         ("PARLEY_UPSTREAM_URL", "http://127.0.0.1:9000/v1", "ws:// or wss://"),
+        ("PARLEY_ICE_SERVERS", "stun:x", "not valid JSON"),
+        ("PARLEY_ICE_SERVERS", '{"urls": "stun:x"}', "must be a JSON list"),
+        ("PARLEY_ICE_SERVERS", '[{"username": "u"}]', "needs `urls`"),
+        ("PARLEY_RTC_HOST_ADDRESSES", "127.0.0.1,eth0", "not an IP address"),
+        ("PARLEY_RTC_REMOTE_ALLOW", "10.0.0.0/33", "not a network"),
+        ("PARLEY_RECONNECT_GRACE", "soon", "must be a number"),
+        ("PARLEY_RECONNECT_GRACE", "0", "between 1 and 600"),
+        ("PARLEY_MAX_SESSION_SECONDS", "nan", "finite"),
+        ("PARLEY_CLIENT_SECRET_TTL", "601", "between 1 and 600"),
+        ("PARLEY_ACCESS_TOKEN_TTL", "10", "between 60 and 86400"),
+        ("PARLEY_MAX_SESSIONS", "0", "at least 1"),
+        ("PARLEY_OIDC_ISSUER", "ftp://idp", "http(s) URL"),
     ],
 )
 def test_bad_values_fail_with_one_line_naming_the_variable(
@@ -134,3 +146,22 @@ def test_settings_are_frozen(tmp_path: Path) -> None:
     s = Settings.from_env(env(tmp_path), dotenv=None)
     with pytest.raises(AttributeError):
         s.port = 1  # type: ignore[misc]
+
+
+def test_live_session_settings_parse(tmp_path: Path) -> None:
+    """ICE servers (JSON), host addresses and remote networks (comma lists) and timings are read."""
+    s = Settings.from_env(
+        env(
+            tmp_path,
+            PARLEY_ICE_SERVERS='[{"urls": ["turn:t:3478"], "username": "u", "credential": "c"}]',
+            PARLEY_RTC_HOST_ADDRESSES="127.0.0.1, ::1",
+            PARLEY_RTC_REMOTE_ALLOW="127.0.0.0/8",
+            PARLEY_RECONNECT_GRACE="2.5",
+            PARLEY_MAX_SESSIONS="3",
+        ),
+        dotenv=None,
+    )
+    assert s.ice_servers == ({"urls": ["turn:t:3478"], "username": "u", "credential": "c"},)
+    assert s.rtc_host_addresses == ("127.0.0.1", "::1")
+    assert s.rtc_remote_allow == ("127.0.0.0/8",)
+    assert (s.reconnect_grace_s, s.max_sessions, s.max_session_s) == (2.5, 3, 3600.0)
