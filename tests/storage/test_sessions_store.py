@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import secrets
 from datetime import timedelta
 
 from storage import sessions
@@ -13,7 +14,7 @@ from storage.sessions import Redemption
 
 async def _session(db: Database) -> tuple[str, str]:
     async with db.sessions.begin() as s:
-        user = User(email=f"{id(s)}@example.org")
+        user = User(email=f"{secrets.token_hex(6)}@example.org")
         s.add(user)
         await s.flush()
         session = await sessions.create_session(s, user_id=user.id, topic_id="cafe-order", user_hash="h")
