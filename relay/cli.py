@@ -65,7 +65,11 @@ async def _serve(settings: Settings) -> None:
     from relay.app import build_app
 
     runner = web.AppRunner(build_app(settings), access_log=None, shutdown_timeout=SHUTDOWN_TIMEOUT_S)
-    await runner.setup()  # opens the database and object store; raises ConfigError when they fail
+    try:
+        await runner.setup()  # opens the database and object store; raises ConfigError when they fail
+    except BaseException:
+        await runner.cleanup()  # closes what did open before the failure
+        raise
     try:
         site = web.TCPSite(runner, settings.host, settings.port)
         try:
