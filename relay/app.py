@@ -7,6 +7,7 @@ a :class:`~relay.config.ConfigError` naming the variable to fix: nothing half-st
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import time
 from collections.abc import AsyncIterator
@@ -16,30 +17,38 @@ from typing import Final
 from aiohttp import web
 from aiohttp.typedefs import Handler
 
-from relay.api import auth, ops, sessions, topics
+from relay.api import auth, ops, sessions, signaling, topics
 from relay.api.problems import problem_middleware
+from relay.browser.ice import restrict_host_addresses
 from relay.config import ConfigError, Settings
 from relay.keys import (
     AUTHENTICATOR,
     DATABASE,
     LIMITS,
+    LIVE,
+    LOOP_LAG,
     METRICS,
     OBJECTS,
     PASSWORDS,
+    RECORDERS,
+    REGISTRY,
     SETTINGS,
     TOKENS,
     UPSTREAM,
 )
+from relay.observability.looplag import LoopLagMonitor
 from relay.observability.metrics import Metrics
 from relay.security.limits import Limits
 from relay.security.oidc import OidcVerifier
 from relay.security.passwords import PasswordHasher
 from relay.security.principals import Authenticator
 from relay.security.tokens import TokenService
+from relay.session.registry import SessionRegistry
 from relay.upstream import open_upstream
 from storage import migrate
 from storage.db import Database, DatabaseUnavailable
 from storage.objects import ObjectStoreError, open_object_store
+from storage.recorder_plain import PlainRecorderFactory
 
 __all__ = ["build_app"]
 
@@ -75,7 +84,8 @@ def build_app(settings: Settings, *, passwords: PasswordHasher | None = None) ->
     app.cleanup_ctx.append(_object_store)
     app.cleanup_ctx.append(_authenticator)
     app.cleanup_ctx.append(_upstream)
-    for module in (ops, auth, topics, sessions):
+    app.cleanup_ctx.append(_live_sessions)
+    for module in (ops, auth, topics, sessions, signaling):
         app.add_routes(module.routes)
     if (WEB_DIR / "index.html").is_file():
         app.router.add_get("/", _index)
@@ -143,6 +153,31 @@ async def _upstream(app: web.Application) -> AsyncIterator[None]:
         app[UPSTREAM] = upstream
         log.info("upstream.ready", extra={"upstream": upstream.kind})
         yield
+
+
+async def _live_sessions(app: web.Application) -> AsyncIterator[None]:
+    settings = app[SETTINGS]
+    if settings.rtc_host_addresses:
+        # Process-wide by necessity: aioice asks one module-level function for host addresses.
+        restrict_host_addresses(list(settings.rtc_host_addresses))
+    monitor = LoopLagMonitor(on_sample=app[METRICS].loop_lag.observe)
+    monitor.start()
+    app[LOOP_LAG] = monitor
+    app[RECORDERS] = PlainRecorderFactory(app[DATABASE], settings.data_dir / "spool")
+    registry = SessionRegistry(
+        max_sessions=settings.max_sessions,
+        max_loop_lag_ms=settings.max_loop_lag_ms,
+        loop_lag_ms=lambda: monitor.lag_ms,
+    )
+    app[REGISTRY] = registry
+    live: set[asyncio.Task[None]] = set()
+    app[LIVE] = live
+    try:
+        yield
+    finally:
+        await registry.drain(settings.drain_timeout_s)
+        await asyncio.gather(*live, return_exceptions=True)
+        await monitor.aclose()
 
 
 @web.middleware

@@ -2,17 +2,22 @@
 
 from __future__ import annotations
 
+import asyncio
+
 from aiohttp import web
 
 from relay.config import Settings
+from relay.observability.looplag import LoopLagMonitor
 from relay.observability.metrics import Metrics
 from relay.security.limits import Limits
 from relay.security.passwords import PasswordHasher
 from relay.security.principals import Authenticator
 from relay.security.tokens import TokenService
+from relay.session.registry import SessionRegistry
 from relay.upstream import Upstream
 from storage.db import Database
 from storage.objects import ObjectStore
+from storage.ports import RecorderFactory
 
 SETTINGS = web.AppKey("settings", Settings)
 METRICS = web.AppKey("metrics", Metrics)
@@ -23,3 +28,8 @@ AUTHENTICATOR = web.AppKey("authenticator", Authenticator)
 PASSWORDS = web.AppKey("passwords", PasswordHasher)
 LIMITS = web.AppKey("limits", Limits)
 UPSTREAM = web.AppKey("upstream", Upstream)
+REGISTRY = web.AppKey("registry", SessionRegistry)
+RECORDERS = web.AppKey("recorders", RecorderFactory)
+LOOP_LAG = web.AppKey("loop_lag", LoopLagMonitor)
+# The main tasks of live sessions, so shutdown can wait for them.
+LIVE = web.AppKey[set[asyncio.Task[None]]]("live_tasks")

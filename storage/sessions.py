@@ -126,3 +126,47 @@ async def redeem_client_secret(s: AsyncSession, *, jti: str, session_id: str) ->
     if row.used_at is not None:
         return Redemption.USED
     return Redemption.EXPIRED
+
+
+async def transition(
+    s: AsyncSession,
+    session_id: str,
+    to_status: str,
+    *,
+    user_hash: str | None = None,
+    code: str | None = None,
+    node_id: str | None = None,
+) -> str | None:
+    """Move a session to ``to_status`` with its audit event; returns the previous status (None if gone).
+
+    Sets ``started_at`` on the first ``live`` and ``ended_at``/``duration_ms`` on ``ended``.
+    """
+    session = (
+        await s.execute(select(Session).where(Session.id == session_id).with_for_update())
+    ).scalar_one_or_none()
+    if session is None:
+        return None
+    previous = session.status
+    if previous == to_status:
+        return previous
+    now = utcnow()
+    session.status = to_status
+    if node_id is not None:
+        session.node_id = node_id
+    if to_status == SessionStatus.LIVE and session.started_at is None:
+        session.started_at = now
+    if to_status in (SessionStatus.ENDED, SessionStatus.FAILED, SessionStatus.INTERRUPTED):
+        session.ended_at = now
+        session.end_reason = code
+        if session.started_at is not None:
+            session.duration_ms = int((now - session.started_at).total_seconds() * 1000)
+    audit.record(
+        s,
+        "session.state",
+        session_id=session_id,
+        user_hash=user_hash,
+        from_status=previous,
+        to_status=to_status,
+        code=code,
+    )
+    return previous

@@ -19,7 +19,7 @@ import time
 from collections.abc import Mapping
 from typing import Any, Final, TextIO
 
-__all__ = ["ALLOWED_FIELDS", "JsonFormatter", "configure_logging", "hash_id", "scrub"]
+__all__ = ["ALLOWED_FIELDS", "ContextLogger", "JsonFormatter", "configure_logging", "hash_id", "scrub"]
 
 ALLOWED_FIELDS: Final = frozenset(
     {
@@ -117,3 +117,14 @@ def configure_logging(level: str = "INFO", stream: TextIO | None = None) -> logg
     for noisy in ("aioice", "aiortc", "websockets", "asyncio"):
         logging.getLogger(noisy).setLevel(max(logging.getLevelName(level), logging.INFO))
     return handler
+
+
+class ContextLogger(logging.LoggerAdapter[logging.Logger]):
+    """A logger carrying fixed fields (e.g. ``session_id``) merged with each call's ``extra``.
+
+    Python 3.11's ``LoggerAdapter`` replaces a call's ``extra`` with its own; this one merges them.
+    """
+
+    def process(self, msg: Any, kwargs: Any) -> tuple[Any, Any]:
+        kwargs["extra"] = {**(self.extra or {}), **(kwargs.get("extra") or {})}
+        return msg, kwargs

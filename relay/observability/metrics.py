@@ -54,12 +54,79 @@ class Metrics:
             registry=r,
         )
 
+        self.sessions_active = Gauge(
+            "parley_sessions_active", "Live sessions in this process, by state.", ["state"], registry=r
+        )
+        self.session_outcomes = Counter(
+            "parley_session_outcomes_total",
+            "Live sessions that ended, by end reason (learner, user_request, grace_expired, max_duration, "
+            "upstream_failed, shutdown, ...).",
+            ["reason"],
+            registry=r,
+        )
+        self.session_refusals = Counter(
+            "parley_session_admission_refused_total",
+            "Offers refused by admission control, by cause (capacity, loop_lag, draining).",
+            ["cause"],
+            registry=r,
+        )
+        self.first_response = Histogram(
+            "parley_first_response_seconds",
+            "From the end of the learner's utterance to the first coach audio frame sent to the browser; "
+            "turn=first is the session's first answer (SC-001).",
+            ["turn"],
+            buckets=(0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.8, 1.0, 1.5, 2.0, 3.0, 5.0, 10.0),
+            registry=r,
+        )
+        self.inbound_latency = Histogram(
+            "parley_inbound_latency_seconds",
+            "Relay's own inbound latency: RTP packet arrival to audio handed to the upstream.",
+            buckets=(0.005, 0.01, 0.02, 0.03, 0.04, 0.06, 0.08, 0.12, 0.2, 0.3, 0.5),
+            registry=r,
+        )
+        self.upstream_reconnects = Counter(
+            "parley_upstream_reconnects_total",
+            "Upstream (Realtime) reconnect attempts, by outcome (ok, failed).",
+            ["outcome"],
+            registry=r,
+        )
+        self.barge_ins = Counter(
+            "parley_barge_ins_total", "Learner barge-ins during coach audio.", registry=r
+        )
+        self.playout_frames = Counter(
+            "parley_playout_frames_total",
+            "Coach playout frames by kind (sent, late: more than 5 ms after their slot, dropped: drained "
+            "past the max latency or skipped after a stall).",
+            ["kind"],
+            registry=r,
+        )
+        self.peer_losses = Counter(
+            "parley_peer_losses_total", "Browser legs declared dead, by cause.", ["cause"], registry=r
+        )
+        self.loop_lag = Histogram(
+            "parley_event_loop_lag_seconds",
+            "How late a 100 ms timer fires on the event loop.",
+            buckets=(0.001, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0),
+            registry=r,
+        )
+        self.upstream_audio_dropped = Counter(
+            "parley_upstream_audio_dropped_total",
+            "Learner audio chunks not sent upstream (queue full or upstream reconnecting); still recorded.",
+            registry=r,
+        )
+
     def request_done(self, route: str, method: str, status: int, seconds: float) -> None:
         self.http_requests.labels(route, method, str(status)).inc()
         self.http_latency.labels(route, method).observe(seconds)
 
     def dependency_checked(self, dependency: str, ok: bool) -> None:
         self.dependency_up.labels(dependency).set(1 if ok else 0)
+
+    def session_state(self, old: str | None, new: str | None) -> None:
+        if old is not None:
+            self.sessions_active.labels(old).dec()
+        if new is not None:
+            self.sessions_active.labels(new).inc()
 
     def render(self) -> bytes:
         """The text exposition format, for ``GET /metrics``."""

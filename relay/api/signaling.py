@@ -1,0 +1,174 @@
+"""WebRTC signalling: an SDP offer in, an SDP answer out (API.md, Sessions: webrtc rows).
+
+The offer is validated before aiortc sees it, and before the client secret is spent: a bad offer
+costs the learner nothing. A new offer for a live or reconnecting session is a reconnect.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import ipaddress
+import logging
+from typing import Final
+
+from aiohttp import web
+
+from relay.api.body import read_body
+from relay.api.deps import current_principal
+from relay.api.views import session_view
+from relay.browser.sdp import InvalidOffer, validate_offer
+from relay.errors import Conflict, NotFound
+from relay.keys import DATABASE, LIVE, METRICS, RECORDERS, REGISTRY, SETTINGS, TOKENS, UPSTREAM
+from relay.observability.logging import hash_id
+from relay.security.principals import bearer_token
+from relay.security.tokens import CLIENT_SECRET_EXPIRED, CLIENT_SECRET_USED, ClientSecretError
+from relay.session.session import OPEN_STATES, LiveSession, SessionSpec
+from storage import sessions, topics
+from storage.models import SessionStatus
+from storage.sessions import Redemption
+
+__all__ = ["routes"]
+
+log = logging.getLogger("relay.api.signaling")
+routes = web.RouteTableDef()
+
+MAX_OFFER_BYTES: Final = 64 * 1024
+CONNECTABLE: Final = frozenset({SessionStatus.CREATED, *OPEN_STATES})
+
+
+def _remote_allow(request: web.Request) -> list[ipaddress.IPv4Network | ipaddress.IPv6Network] | None:
+    allow = request.app[SETTINGS].rtc_remote_allow
+    return [ipaddress.ip_network(n, strict=False) for n in allow] if allow else None
+
+
+@routes.post("/v1/sessions/{session_id}/webrtc")
+async def offer(request: web.Request) -> web.Response:
+    """Answer an SDP offer for a session, authorised by a single-use client secret."""
+    session_id = request.match_info["session_id"]
+    claims = request.app[TOKENS].verify_client_secret(
+        bearer_token(request.headers.get("Authorization")), session_id=session_id
+    )
+    if request.content_type != "application/sdp":
+        raise InvalidOffer("the offer must be sent as application/sdp")
+    try:
+        raw = await read_body(request, MAX_OFFER_BYTES)
+    except Exception:
+        raise InvalidOffer("the offer is over 64 KiB") from None
+    sdp = validate_offer(raw, remote_allow=_remote_allow(request))
+
+    db = request.app[DATABASE]
+    async with db.sessions() as s:
+        row = await sessions.get_owned_session(s, session_id, claims.user_id)
+        if row is None:
+            raise ClientSecretError("session")
+        if row.status not in CONNECTABLE:
+            raise Conflict("The session has ended.", code="session_ended")
+        topic = await topics.get_topic(s, row.topic_id, include_retired=True)
+    assert topic is not None  # sessions.topic_id is a RESTRICT foreign key
+
+    # Admission before redemption: a refused learner keeps a secret to retry with.
+    registry = request.app[REGISTRY]
+    live = registry.get(session_id)
+    reserved = live is None
+    if reserved:
+        registry.admit(session_id)  # CapacityError -> 503 + Retry-After
+    try:
+        async with db.sessions.begin() as s:
+            redeemed = await sessions.redeem_client_secret(s, jti=claims.jti, session_id=session_id)
+        if redeemed is Redemption.USED:
+            raise ClientSecretError("replay", code=CLIENT_SECRET_USED)
+        if redeemed is Redemption.EXPIRED:
+            raise ClientSecretError("exp", code=CLIENT_SECRET_EXPIRED)
+        if redeemed is not Redemption.OK:
+            raise ClientSecretError("jti")
+        if live is None:
+            spec = SessionSpec(session_id, claims.user_id, topic.instructions, topic.turn_detection)
+            live = _start_live(request.app, spec)
+    except BaseException:
+        if reserved:
+            registry.release(session_id)
+        raise
+    peer_id, answer = await live.connect_peer(sdp)
+    log.info("signaling.answered", extra={"session_id": session_id, "peer_id": peer_id})
+    return web.Response(
+        status=201,
+        text=answer,
+        content_type="application/sdp",
+        headers={"Location": f"/v1/sessions/{session_id}/webrtc/{peer_id}", "Cache-Control": "no-store"},
+    )
+
+
+def _start_live(app: web.Application, spec: SessionSpec) -> LiveSession:
+    db = app[DATABASE]
+    registry = app[REGISTRY]
+    user_hash = hash_id(spec.user_id)
+
+    async def write_state(session_id: str, status: str, code: str | None) -> None:
+        async with db.sessions.begin() as s:
+            await sessions.transition(s, session_id, status, user_hash=user_hash, code=code)
+
+    live = LiveSession(
+        spec,
+        settings=app[SETTINGS],
+        upstream=app[UPSTREAM],
+        recorder=app[RECORDERS].open(spec.session_id),
+        metrics=app[METRICS],
+        write_state=write_state,
+        on_closed=lambda s: registry.discard(s.id),
+    )
+    registry.add(live)
+    task = asyncio.create_task(live.run(), name=f"session:{spec.session_id}")
+    app[LIVE].add(task)
+    task.add_done_callback(app[LIVE].discard)
+    return live
+
+
+@routes.delete("/v1/sessions/{session_id}/webrtc/{peer_id}")
+async def hang_up(request: web.Request) -> web.Response:
+    """Close one browser leg; the session waits for a reconnect, then ends."""
+    session_id = request.match_info["session_id"]
+    await _authorise_peer_control(request, session_id)
+    live = request.app[REGISTRY].get(session_id)
+    if live is None:
+        raise NotFound("No such peer.", code="peer_not_found")
+    await live.close_peer(request.match_info["peer_id"])
+    return web.Response(status=204)
+
+
+async def _authorise_peer_control(request: web.Request, session_id: str) -> None:
+    """The owner's access token, or a client secret of this session (used or not, not expired)."""
+    token = bearer_token(request.headers.get("Authorization"))
+    try:
+        request.app[TOKENS].verify_client_secret(token, session_id=session_id)
+        return
+    except ClientSecretError:
+        pass
+    principal = await current_principal(request)
+    async with request.app[DATABASE].sessions() as s:
+        if await sessions.get_owned_session(s, session_id, principal.user_id) is None:
+            raise NotFound("No such session.")
+
+
+@routes.post("/v1/sessions/{session_id}/end")
+async def end_session(request: web.Request) -> web.Response:
+    """End a session now: a live one is closed and its recording finalized."""
+    principal = await current_principal(request)
+    session_id = request.match_info["session_id"]
+    db = request.app[DATABASE]
+    async with db.sessions() as s:
+        row = await sessions.get_owned_session(s, session_id, principal.user_id)
+    if row is None:
+        raise NotFound("No such session.")
+    live = request.app[REGISTRY].get(session_id)
+    if live is not None:
+        await live.end("ended_by_user")
+    elif row.status in (SessionStatus.CREATED, SessionStatus.CONNECTING):
+        async with db.sessions.begin() as s:
+            await sessions.transition(
+                s, session_id, SessionStatus.ENDED, user_hash=hash_id(principal.user_id), code="ended_by_user"
+            )
+    async with db.sessions() as s:
+        row = await sessions.get_owned_session(s, session_id, principal.user_id)
+    if row is None:
+        raise NotFound("No such session.")
+    return web.json_response(session_view(row))

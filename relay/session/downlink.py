@@ -1,0 +1,259 @@
+"""Model events -> browser speaker, the events channel, the recorder and the transcript store.
+
+One handler per server event type, named after it (``_on_response_output_audio_delta``), looked up
+in a table: a grep of the OpenAI docs finds the handler. Unknown types are ignored.
+"""
+
+from __future__ import annotations
+
+import base64
+import logging
+import time
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+from relay.browser.speaker import SpeakerTrack
+from relay.model import protocol
+from relay.model.link import ModelLink
+from relay.session.uplink import UpstreamClock
+from storage.ports import SessionRecorder, Speaker, TranscriptEvent
+
+__all__ = ["Downlink"]
+
+log = logging.getLogger("relay.session.downlink")
+
+
+@dataclass(slots=True)
+class _LearnerItem:
+    start_ms: int = 0
+    end_ms: int = 0
+    transcript: str = ""
+
+
+@dataclass(slots=True)
+class _CoachItem:
+    previous_item_id: str | None
+    transcript: list[str] = field(default_factory=list)
+    final_text: str | None = None
+    audio_ms: int = 0
+    start_ms: int | None = None
+    truncated: bool = False
+    stored: bool = False
+
+
+class Downlink:
+    """Handles the model's events for one session (across upstream reconnects and peers)."""
+
+    def __init__(
+        self,
+        *,
+        session_id: str,
+        speaker: SpeakerTrack,
+        link: ModelLink,
+        recorder: SessionRecorder,
+        clock: UpstreamClock,
+        send: Callable[[dict[str, Any]], None],
+        session_ms: Callable[[], int],
+        spawn: Callable[[Awaitable[None], str], None],
+        on_barge_in: Callable[[], None],
+        on_response_latency: Callable[[float, bool], None],
+    ) -> None:
+        self.session_id = session_id
+        self._speaker = speaker
+        self._link = link
+        self._recorder = recorder
+        self._clock = clock
+        self._send = send
+        self._now_ms = session_ms
+        self._spawn = spawn
+        self._on_barge_in = on_barge_in
+        self._on_response_latency = on_response_latency
+        self._seq = 0
+        self._order: dict[str, int] = {}
+        self._learner: dict[str, _LearnerItem] = {}
+        self._coach: dict[str, _CoachItem] = {}
+        self._last_item_id: str | None = None
+        self._awaiting_answer_since: float | None = None
+        self._answered_once = False
+        self._handlers: dict[str, Callable[[Any], None]] = {
+            "input_audio_buffer.speech_started": self._on_input_audio_buffer_speech_started,
+            "input_audio_buffer.speech_stopped": self._on_input_audio_buffer_speech_stopped,
+            "input_audio_buffer.committed": self._on_input_audio_buffer_committed,
+            "conversation.item.input_audio_transcription.delta": self._on_input_audio_transcription_delta,
+            "conversation.item.input_audio_transcription.completed": (
+                self._on_input_audio_transcription_completed
+            ),
+            "response.output_item.added": self._on_response_output_item_added,
+            "response.output_audio.delta": self._on_response_output_audio_delta,
+            "response.output_audio.done": self._on_response_output_audio_done,
+            "response.output_audio_transcript.delta": self._on_response_output_audio_transcript_delta,
+            "response.output_audio_transcript.done": self._on_response_output_audio_transcript_done,
+            "conversation.item.truncated": self._on_conversation_item_truncated,
+        }
+        # Upstream confirmations of barge-in cuts, item id -> audio_end_ms (for operators and tests).
+        self.truncated: dict[str, int] = {}
+
+    # -- entry points --------------------------------------------------------------------------
+    def on_event(self, event: Any) -> None:
+        handler = self._handlers.get(getattr(event, "type", ""))
+        if handler is not None:
+            handler(event)
+
+    def on_coach_frame(self, pcm: bytes, session_ms: int) -> None:
+        """Speaker hook: a coach frame actually went to the browser."""
+        self._recorder.coach_audio(pcm, sample_rate=24000, at_ms=session_ms)
+        if self._awaiting_answer_since is not None:
+            self._on_response_latency(time.monotonic() - self._awaiting_answer_since, not self._answered_once)
+            self._awaiting_answer_since = None
+            self._answered_once = True
+
+    def on_coach_started(self, item_id: str) -> None:
+        item = self._coach.get(item_id)
+        if item is not None and item.start_ms is None:
+            item.start_ms = self._now_ms()
+        self._send({"type": "coach.speaking", "item_id": item_id})
+
+    def on_coach_done(self, item_id: str) -> None:
+        self._send({"type": "coach.done", "item_id": item_id})
+
+    def interrupt_playout(self, reason: str) -> None:
+        """Drop queued coach audio now and tell the upstream what the learner actually heard."""
+        played = self._speaker.clear()
+        for item_id, ms in played.items():
+            item = self._coach.get(item_id)
+            if item is None:
+                continue
+            # Never 0 for an item that had none played (nothing to cut) and never more than was received.
+            if ms > 0:
+                self._link.send(protocol.truncate(item_id, min(ms, max(item.audio_ms, 1))))
+            self._truncate(item_id, item, ms)
+            self._send({"type": "coach.done", "item_id": item_id})
+        if played:
+            log.info("downlink.interrupted", extra={"session_id": self.session_id, "reason": reason,
+                                                    "count": len(played)})  # fmt: skip
+
+    def reset_upstream(self) -> None:
+        """A new upstream connection: its item ids are new, its audio clock starts again."""
+        self._clock.reset()
+        self._learner.clear()
+        self._awaiting_answer_since = None
+
+    # -- learner side --------------------------------------------------------------------------
+    def _on_input_audio_buffer_speech_started(self, event: Any) -> None:
+        item = self._learner.setdefault(event.item_id, _LearnerItem())
+        item.start_ms = self._clock.to_session(int(event.audio_start_ms))
+        if self._speaker.speaking:
+            self._on_barge_in()
+            self.interrupt_playout("barge_in")
+
+    def _on_input_audio_buffer_speech_stopped(self, event: Any) -> None:
+        item = self._learner.setdefault(event.item_id, _LearnerItem())
+        item.end_ms = self._clock.to_session(int(event.audio_end_ms))
+        self._awaiting_answer_since = time.monotonic()
+
+    def _on_input_audio_buffer_committed(self, event: Any) -> None:
+        self._place(event.item_id)
+        self._learner.setdefault(event.item_id, _LearnerItem())
+
+    def _on_input_audio_transcription_delta(self, event: Any) -> None:
+        self._send(
+            {"type": "transcript.delta", "speaker": "learner", "item_id": event.item_id, "delta": event.delta}
+        )
+
+    def _on_input_audio_transcription_completed(self, event: Any) -> None:
+        item = self._learner.get(event.item_id, _LearnerItem())
+        text = (event.transcript or "").strip()
+        if not text:
+            return
+        end = item.end_ms or self._now_ms()
+        segment = TranscriptEvent(
+            speaker=Speaker.LEARNER, text=text, start_ms=item.start_ms, end_ms=max(end, item.start_ms),
+            item_id=event.item_id, previous_item_id=None, seq=self._place(event.item_id),
+        )  # fmt: skip
+        self._store(segment)
+
+    # -- coach side ----------------------------------------------------------------------------
+    def _on_response_output_item_added(self, event: Any) -> None:
+        item = event.item
+        if getattr(item, "role", None) != "assistant" or item.id is None:
+            return
+        self._coach[item.id] = _CoachItem(previous_item_id=self._last_item_id)
+        self._place(item.id)
+
+    def _on_response_output_audio_delta(self, event: Any) -> None:
+        pcm = base64.b64decode(event.delta)
+        item = self._coach.get(event.item_id)
+        if item is None or item.truncated:
+            return
+        item.audio_ms += len(pcm) // 48
+        self._speaker.feed(pcm, item_id=event.item_id)
+
+    def _on_response_output_audio_done(self, event: Any) -> None:
+        self._speaker.finish(event.item_id)
+
+    def _on_response_output_audio_transcript_delta(self, event: Any) -> None:
+        item = self._coach.get(event.item_id)
+        if item is None or item.truncated:
+            return
+        item.transcript.append(event.delta)
+        self._send(
+            {"type": "transcript.delta", "speaker": "coach", "item_id": event.item_id, "delta": event.delta}
+        )
+
+    def _on_response_output_audio_transcript_done(self, event: Any) -> None:
+        item = self._coach.get(event.item_id)
+        if item is None or item.truncated:
+            return
+        item.final_text = (event.transcript or "".join(item.transcript)).strip()
+        if item.final_text:
+            self._store(self._coach_segment(event.item_id, item, item.final_text, item.audio_ms))
+
+    def _on_conversation_item_truncated(self, event: Any) -> None:
+        self.truncated[event.item_id] = int(event.audio_end_ms)
+
+    def _truncate(self, item_id: str, item: _CoachItem, played_ms: int) -> None:
+        item.truncated = True
+        full = item.final_text if item.final_text is not None else "".join(item.transcript).strip()
+        words = full.split()
+        if not words or played_ms <= 0:
+            return
+        heard = max(1, round(len(words) * min(1.0, played_ms / max(item.audio_ms, 1))))
+        self._store(self._coach_segment(item_id, item, " ".join(words[:heard]), played_ms, truncated=True))
+
+    def _coach_segment(
+        self, item_id: str, item: _CoachItem, text: str, audio_ms: int, *, truncated: bool = False
+    ) -> TranscriptEvent:
+        start = item.start_ms if item.start_ms is not None else self._now_ms()
+        return TranscriptEvent(
+            speaker=Speaker.COACH, text=text, start_ms=start, end_ms=start + audio_ms, item_id=item_id,
+            previous_item_id=item.previous_item_id, seq=self._place(item_id), truncated=truncated,
+        )  # fmt: skip
+
+    # -- shared --------------------------------------------------------------------------------
+    def _place(self, item_id: str) -> int:
+        """The item's position in the conversation, assigned the first time the item is seen."""
+        seq = self._order.get(item_id)
+        if seq is None:
+            self._seq += 1
+            seq = self._order[item_id] = self._seq
+            self._last_item_id = item_id
+        return seq
+
+    def _store(self, segment: TranscriptEvent) -> None:
+        async def store() -> None:
+            segment_id = await self._recorder.transcript(segment)
+            self._send({"type": "transcript.final", "segment": _segment_view(segment_id, segment)})
+
+        self._spawn(store(), f"transcript:{segment.item_id}")
+
+
+def _segment_view(segment_id: str, segment: TranscriptEvent) -> dict[str, Any]:
+    return {
+        "id": segment_id,
+        "speaker": segment.speaker.value,
+        "text": segment.text,
+        "start_ms": segment.start_ms,
+        "end_ms": segment.end_ms,
+        "final": True,
+    }

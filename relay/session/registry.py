@@ -1,0 +1,90 @@
+"""Live sessions of this process: id -> LiveSession, admission, and drain on shutdown.
+
+Admission refuses new live sessions (503 ``capacity`` + Retry-After) when the node holds its limit
+or its event loop lags: every session on a lagging loop hears gaps, so adding one makes it worse
+for all of them. Draining stops admissions and lets live sessions finish, bounded by a timeout.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from collections.abc import Callable
+from typing import TYPE_CHECKING, Final
+
+from relay.errors import CapacityError
+
+if TYPE_CHECKING:
+    from relay.session.session import LiveSession
+
+__all__ = ["SessionRegistry"]
+
+log = logging.getLogger("relay.session.registry")
+
+RETRY_AFTER_S: Final = 5
+
+
+class SessionRegistry:
+    """Owns the live sessions of this process; :meth:`aclose` ends every one of them."""
+
+    def __init__(
+        self, *, max_sessions: int, max_loop_lag_ms: float, loop_lag_ms: Callable[[], float]
+    ) -> None:
+        self._sessions: dict[str, LiveSession] = {}
+        self._max = max_sessions
+        self._max_lag_ms = max_loop_lag_ms
+        self._lag = loop_lag_ms
+        self._draining = False
+        self._admitting: set[str] = set()
+
+    def __len__(self) -> int:
+        return len(self._sessions)
+
+    def get(self, session_id: str) -> LiveSession | None:
+        return self._sessions.get(session_id)
+
+    @property
+    def draining(self) -> bool:
+        return self._draining
+
+    def admit(self, session_id: str) -> None:
+        """Reserve a place for a new live session or raise :class:`CapacityError`."""
+        if self._draining:
+            raise CapacityError("This node is shutting down; try again.", retry_after_s=RETRY_AFTER_S)
+        if len(self._sessions) + len(self._admitting) >= self._max:
+            raise CapacityError("This node is at capacity; try again shortly.", retry_after_s=RETRY_AFTER_S)
+        lag = self._lag()
+        if lag > self._max_lag_ms:
+            log.warning("registry.refused_lag", extra={"lag_ms": round(lag, 1)})
+            raise CapacityError("This node is overloaded; try again shortly.", retry_after_s=RETRY_AFTER_S)
+        self._admitting.add(session_id)
+
+    def release(self, session_id: str) -> None:
+        """Give back a reservation that did not become a session."""
+        self._admitting.discard(session_id)
+
+    def add(self, session: LiveSession) -> None:
+        self._admitting.discard(session.id)
+        self._sessions[session.id] = session
+
+    def discard(self, session_id: str) -> None:
+        self._sessions.pop(session_id, None)
+
+    async def drain(self, timeout_s: float) -> None:
+        """Refuse new sessions, wait up to ``timeout_s`` for live ones to end, then end the rest."""
+        self._draining = True
+        live = list(self._sessions.values())
+        log.info("registry.draining", extra={"sessions": len(live)})
+        if live:
+            _, pending = await asyncio.wait(
+                [asyncio.ensure_future(s.wait_ended()) for s in live], timeout=timeout_s
+            )
+            for waiter in pending:
+                waiter.cancel()
+        await self.aclose()
+
+    async def aclose(self) -> None:
+        """End every live session (reason ``shutdown``) and wait for their recordings to finalize."""
+        self._draining = True
+        sessions = list(self._sessions.values())
+        await asyncio.gather(*(s.end("shutdown") for s in sessions), return_exceptions=True)

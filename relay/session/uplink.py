@@ -1,0 +1,84 @@
+"""Browser mic -> model: learner audio goes upstream and to the recorder as it arrives.
+
+Nothing here awaits the network: ``ModelLink.push_audio`` only enqueues. The upstream's audio
+clock (the ``audio_start_ms``/``audio_end_ms`` of VAD events) counts only the audio the current
+upstream connection received, so :class:`UpstreamClock` maps it back to the session timeline.
+"""
+
+from __future__ import annotations
+
+import bisect
+import contextlib
+import time
+from collections.abc import Callable
+
+from aiortc import MediaStreamTrack
+
+from relay.browser.mic import MicChunk, MicStats, mic_chunks
+from relay.model.link import ModelLink
+from storage.ports import SessionRecorder
+
+__all__ = ["UpstreamClock", "run_uplink"]
+
+MIC_RATE = 24000
+
+
+class UpstreamClock:
+    """Maps ms of audio a given upstream connection received to ms on the session timeline."""
+
+    def __init__(self) -> None:
+        self._upstream: list[int] = []
+        self._session: list[int] = []
+        self._total = 0
+
+    def reset(self) -> None:
+        """A new upstream connection starts counting its audio from zero."""
+        self._upstream.clear()
+        self._session.clear()
+        self._total = 0
+
+    def pushed(self, session_ms: int, duration_ms: int) -> None:
+        expected = None
+        if self._upstream:
+            expected = self._session[-1] + (self._total - self._upstream[-1])
+        if expected is None or abs(session_ms - expected) > 1:  # a discontinuity starts a new run
+            self._upstream.append(self._total)
+            self._session.append(session_ms)
+        self._total += duration_ms
+
+    def to_session(self, upstream_ms: int) -> int:
+        if not self._upstream:
+            return upstream_ms
+        i = max(0, bisect.bisect_right(self._upstream, upstream_ms) - 1)
+        return self._session[i] + (upstream_ms - self._upstream[i])
+
+
+async def run_uplink(
+    track: MediaStreamTrack,
+    *,
+    clock_origin: float,
+    link: ModelLink,
+    recorder: SessionRecorder,
+    clock: UpstreamClock,
+    on_latency: Callable[[float], None],
+    stats: MicStats | None = None,
+) -> None:
+    """Forward every learner chunk upstream and to the recorder until the track ends."""
+    chunks = mic_chunks(track, clock_origin=clock_origin, stats=stats)
+    async with contextlib.aclosing(chunks):
+        async for chunk in chunks:
+            _forward(chunk, link, recorder, clock, on_latency)
+
+
+def _forward(
+    chunk: MicChunk,
+    link: ModelLink,
+    recorder: SessionRecorder,
+    clock: UpstreamClock,
+    on_latency: Callable[[float], None],
+) -> None:
+    recorder.learner_audio(chunk.pcm, sample_rate=MIC_RATE, at_ms=chunk.start_ms)
+    if link.connected:
+        link.push_audio(chunk.pcm)
+        clock.pushed(chunk.start_ms, chunk.duration_ms)
+        on_latency(time.monotonic() - chunk.arrived_at)

@@ -1,0 +1,61 @@
+"""What the live relay needs from persistence, as Protocols. ``relay/`` depends on these only.
+
+The session hands the recorder every learner frame, every coach frame and every transcript event,
+stamped on the session's timeline (integer ms since the session started). Audio calls are sync and
+cheap: they run on the media path and must never wait for storage.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+from enum import StrEnum
+from typing import Protocol
+
+__all__ = ["RecorderFactory", "SessionRecorder", "Speaker", "TranscriptEvent"]
+
+
+class Speaker(StrEnum):
+    LEARNER = "learner"
+    COACH = "coach"
+
+
+@dataclass(frozen=True, slots=True)
+class TranscriptEvent:
+    """A final transcript segment: what one side said in one conversation item."""
+
+    speaker: Speaker
+    text: str
+    start_ms: int
+    end_ms: int
+    item_id: str
+    previous_item_id: str | None
+    # Position in the conversation (item order upstream), not arrival order.
+    seq: int
+    truncated: bool = False
+
+
+class SessionRecorder(Protocol):
+    """Everything recorded of one session. ``aclose`` is idempotent and always finalizes."""
+
+    def learner_audio(self, pcm: bytes, *, sample_rate: int, at_ms: int) -> None:
+        """Mono s16le learner audio as received from the browser; sync, never blocks."""
+
+    def coach_audio(self, pcm: bytes, *, sample_rate: int, at_ms: int) -> None:
+        """Mono s16le coach audio as played to the browser; sync, never blocks."""
+
+    def gap(self, speaker: Speaker, start_ms: int, end_ms: int, reason: str) -> None:
+        """A stretch with no audio on a track (peer gone): recorded as a gap, never filled."""
+
+    async def transcript(self, event: TranscriptEvent) -> str:
+        """Persist a final segment (retries inside); returns the stored segment's id."""
+
+    async def history(self) -> Sequence[tuple[Speaker, str]]:
+        """The final transcript so far in conversation order, e.g. to replay upstream."""
+
+    async def aclose(self, *, status: str = "complete") -> None:
+        """Flush and finalize the recording; idempotent."""
+
+
+class RecorderFactory(Protocol):
+    def open(self, session_id: str) -> SessionRecorder: ...
