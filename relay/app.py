@@ -168,6 +168,7 @@ async def _live_sessions(app: web.Application) -> AsyncIterator[None]:
         max_sessions=settings.max_sessions,
         max_loop_lag_ms=settings.max_loop_lag_ms,
         loop_lag_ms=lambda: monitor.lag_ms,
+        on_refused=lambda cause: app[METRICS].session_refusals.labels(cause).inc(),
     )
     app[REGISTRY] = registry
     live: set[asyncio.Task[None]] = set()

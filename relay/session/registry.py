@@ -28,7 +28,12 @@ class SessionRegistry:
     """Owns the live sessions of this process; :meth:`aclose` ends every one of them."""
 
     def __init__(
-        self, *, max_sessions: int, max_loop_lag_ms: float, loop_lag_ms: Callable[[], float]
+        self,
+        *,
+        max_sessions: int,
+        max_loop_lag_ms: float,
+        loop_lag_ms: Callable[[], float],
+        on_refused: Callable[[str], None] = lambda cause: None,
     ) -> None:
         self._sessions: dict[str, LiveSession] = {}
         self._max = max_sessions
@@ -36,6 +41,7 @@ class SessionRegistry:
         self._lag = loop_lag_ms
         self._draining = False
         self._admitting: set[str] = set()
+        self._on_refused = on_refused
 
     def __len__(self) -> int:
         return len(self._sessions)
@@ -50,11 +56,14 @@ class SessionRegistry:
     def admit(self, session_id: str) -> None:
         """Reserve a place for a new live session or raise :class:`CapacityError`."""
         if self._draining:
+            self._on_refused("draining")
             raise CapacityError("This node is shutting down; try again.", retry_after_s=RETRY_AFTER_S)
         if len(self._sessions) + len(self._admitting) >= self._max:
+            self._on_refused("capacity")
             raise CapacityError("This node is at capacity; try again shortly.", retry_after_s=RETRY_AFTER_S)
         lag = self._lag()
         if lag > self._max_lag_ms:
+            self._on_refused("loop_lag")
             log.warning("registry.refused_lag", extra={"lag_ms": round(lag, 1)})
             raise CapacityError("This node is overloaded; try again shortly.", retry_after_s=RETRY_AFTER_S)
         self._admitting.add(session_id)

@@ -41,6 +41,7 @@ log = logging.getLogger("relay.session")
 
 TRANSCRIPTION_MODEL: Final = "gpt-4o-mini-transcribe"
 FLUSH_ON_ERROR_S: Final = 2.0
+STATS_EVERY_S: Final = 5.0
 OPEN_STATES: Final = frozenset({SessionStatus.CONNECTING, SessionStatus.LIVE, SessionStatus.RECONNECTING})
 
 # Persists a state change (status row + audit event); the session awaits it, in order.
@@ -121,6 +122,8 @@ class LiveSession:
         self._grace: asyncio.Task[None] | None = None
         self._state_lock = asyncio.Lock()
         self._ever_live = False
+        self._retrying = False
+        self._published: dict[str, int] = {}
         metrics.session_state(None, self.state)
 
     # -- public --------------------------------------------------------------------------------
@@ -212,6 +215,7 @@ class LiveSession:
         ender = asyncio.create_task(self._end_requested.wait(), name=f"session:{self.id}:end-wait")
         deadline = asyncio.create_task(self._max_duration(), name=f"session:{self.id}:max-duration")
         first_peer = asyncio.create_task(self._first_peer.wait(), name=f"session:{self.id}:first-peer")
+        stats = asyncio.create_task(self._publish_stats_every(STATS_EVERY_S), name=f"session:{self.id}:stats")
         try:
             await asyncio.wait({first_peer, ender, deadline}, return_when=asyncio.FIRST_COMPLETED)
             if self._end_requested.is_set() or deadline.done():
@@ -229,9 +233,9 @@ class LiveSession:
             self._end_reason = "shutdown" if isinstance(exc, asyncio.CancelledError) else "internal_error"
             raise
         finally:
-            for task in (ender, deadline, first_peer):
+            for task in (ender, deadline, first_peer, stats):
                 task.cancel()
-            await asyncio.gather(ender, deadline, first_peer, return_exceptions=True)
+            await asyncio.gather(ender, deadline, first_peer, stats, return_exceptions=True)
             await self._shutdown(link_task)
 
     # -- lifecycle internals -------------------------------------------------------------------
@@ -259,12 +263,37 @@ class LiveSession:
             final = SessionStatus.ENDED if self._ever_live else SessionStatus.FAILED
             await self._transition(final, self._end_reason)
             self._metrics.session_outcomes.labels(self._end_reason).inc()
+            self._publish_stats()
             self._log.info("session.ended", extra={"reason": self._end_reason, "duration_ms": self.now_ms()})
         finally:
             self._metrics.session_state(self.state, None)
             self._on_closed(self)
             if not self._ended.done():
                 self._ended.set_result(None)
+
+    async def _publish_stats_every(self, seconds: float) -> None:
+        while True:
+            await asyncio.sleep(seconds)
+            self._publish_stats()
+
+    def _publish_stats(self) -> None:
+        """Move counter deltas of the speaker and the link into the process metrics."""
+        speaker, link = self._speaker.stats, self.link.stats
+        current = {
+            "sent": speaker.frames_sent,
+            "late": speaker.frames_late_5ms,
+            "dropped": speaker.drained_frames + speaker.skipped_slots,
+            "upstream_dropped": link.dropped_audio_chunks,
+        }
+        for key, value in current.items():
+            delta = value - self._published.get(key, 0)
+            if delta <= 0:
+                continue
+            if key == "upstream_dropped":
+                self._metrics.upstream_audio_dropped.inc(delta)
+            else:
+                self._metrics.playout_frames.labels(key).inc(delta)
+        self._published = current
 
     async def _max_duration(self) -> None:
         await asyncio.sleep(self._settings.max_session_s)
@@ -361,11 +390,14 @@ class LiveSession:
 
     def _on_link_status(self, status: LinkStatus, code: str | None) -> None:
         if status == "retrying":
-            self._metrics.upstream_reconnects.labels("attempt").inc()
+            self._retrying = True
             self._downlink.interrupt_playout("upstream_lost")
             self._downlink.reset_upstream()
             self._send({"type": "error", "code": "upstream_retrying", "message": _MESSAGES["retrying"]})
         elif status == "ready":
+            if self._retrying:
+                self._retrying = False
+                self._metrics.upstream_reconnects.labels("ok").inc()
             self._downlink.reset_upstream()
             if self.peer is not None and self.state == SessionStatus.CONNECTING:
                 self._spawn(self._transition(SessionStatus.LIVE), "state")

@@ -61,7 +61,7 @@ async def test_upstream_drop_mid_turn_is_survived(relay: Relay) -> None:
     rows = await segments(relay, call.session_id)
     assert [r.speaker for r in rows].count("coach") >= 2
     metrics = relay.client.app[METRICS].render().decode()
-    assert 'parley_upstream_reconnects_total{outcome="attempt"}' in metrics
+    assert 'parley_upstream_reconnects_total{outcome="ok"} 1.0' in metrics
     assert 'parley_session_outcomes_total{reason="ended_by_user"} 1.0' in metrics
 
 

@@ -1,0 +1,63 @@
+"""Admission on a lagging loop, and draining live sessions at shutdown."""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from collections.abc import Awaitable, Callable
+
+from sqlalchemy import select
+
+from relay.keys import METRICS
+from storage.db import Database
+from storage.models import AudioRecording, Session
+from tests.api import problem, signup
+from tests.fakes.rtc_client import speech_like
+from tests.live.conftest import Relay, offer, start_call
+
+
+async def test_blocked_event_loop_refuses_new_calls(relay: Relay) -> None:
+    """After the loop stalls past the lag threshold, a new offer gets 503 capacity with Retry-After."""
+    learner = await signup(relay.client)
+    body = await (
+        await relay.client.post("/v1/sessions", json={"topic_id": "cafe-order"}, headers=learner.auth)
+    ).json()
+    rtc = relay.new_rtc()
+    sdp_ready = await rtc.offer()
+    assert sdp_ready
+    time.sleep(0.4)  # noqa: ASYNC251 (a deliberate stall of the relay's own event loop)
+    await asyncio.sleep(0.15)  # the lag monitor's next tick sees the stall
+    resp = await offer(relay, body["session"]["id"], body["client_secret"]["value"], rtc)
+    await problem(resp, 503, "capacity")
+    assert (
+        'parley_session_admission_refused_total{cause="loop_lag"} 1.0'
+        in relay.client.app[METRICS].render().decode()
+    )
+
+
+async def test_shutdown_drains_live_sessions_and_finalizes_them(
+    relay_factory: Callable[..., Awaitable[Relay]],
+) -> None:
+    """Stopping the app ends live sessions with reason `shutdown` and finalizes their recordings."""
+    relay = await relay_factory()
+    call = await start_call(relay)
+    await call.wait_event(lambda m: m.get("status") == "live")
+    call.rtc.send_pcm(speech_like(0.6))
+    await asyncio.sleep(1.0)
+    await relay.client.close()  # runs the app's cleanup: drain (1 s), then end what is left
+    db = Database(relay.settings.database_url)
+    try:
+        async with db.sessions() as s:
+            row = await s.get(Session, call.session_id)
+            assert row is not None
+            assert (row.status, row.end_reason) == ("ended", "shutdown")
+            rec = (
+                await s.execute(
+                    select(AudioRecording).where(
+                        AudioRecording.session_id == call.session_id, AudioRecording.track == "learner"
+                    )
+                )
+            ).scalar_one()
+            assert rec.status == "complete" and rec.duration_ms >= 600
+    finally:
+        await db.aclose()
