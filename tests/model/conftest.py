@@ -17,7 +17,8 @@ from openai.types.realtime import RealtimeServerEvent
 from relay.model import protocol
 from relay.model.link import LinkStatus, ModelLink, RetryPolicy
 from relay.model.protocol import HistoryItem
-from relay.simulator import SimulatorOptions, SimulatorServer
+from relay.simulator import SimulatorServer
+from tests.realtime_checks import strict_simulators
 from tests.simulator.audio import BYTES_PER_MS, silence, speech
 
 FAST_SIM: dict[str, Any] = {
@@ -164,19 +165,8 @@ class Harness:
 @pytest.fixture
 async def make_sim() -> AsyncIterator[MakeSim]:
     """Start strict simulators (fast test defaults plus overrides); close and check them afterwards."""
-    servers: list[SimulatorServer] = []
-
-    async def make(**overrides: Any) -> SimulatorServer:
-        server = SimulatorServer(SimulatorOptions(**{**FAST_SIM, **overrides}))
-        await server.start()
-        servers.append(server)
-        return server
-
-    yield make
-    for server in servers:
-        await server.aclose()
-        assert server.failures == []
-        assert server.active_connections == 0
+    async with strict_simulators(FAST_SIM) as make:
+        yield make
 
 
 @pytest.fixture

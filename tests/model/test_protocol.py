@@ -19,21 +19,11 @@ from pydantic import Field, TypeAdapter
 from relay.model import protocol
 from relay.model.protocol import HistoryItem, MalformedEvent, UnknownEvent, decode
 from relay.simulator.state import RealtimeSession, StreamResponse, TranscribeLater
+from tests.realtime_checks import unknown_keys
 from tests.simulator.audio import frames, silence, speech
 
 CLIENT_TA: TypeAdapter[Any] = TypeAdapter(Annotated[RealtimeClientEvent, Field(discriminator="type")])
 VAD = {"type": "server_vad", "threshold": 0.5, "prefix_padding_ms": 300, "silence_duration_ms": 200}
-
-
-def _extras(model: object, path: str = "$") -> list[str]:
-    if isinstance(model, pydantic.BaseModel):
-        found = [f"{path}.{k}" for k in model.model_extra or {}]
-        for name in type(model).model_fields:
-            found += _extras(getattr(model, name), f"{path}.{name}")
-        return found
-    if isinstance(model, list):
-        return [e for i, v in enumerate(model) for e in _extras(v, f"{path}[{i}]")]
-    return []
 
 
 def assert_valid_client_event(event: dict[str, Any]) -> None:
@@ -41,7 +31,7 @@ def assert_valid_client_event(event: dict[str, Any]) -> None:
     wire = json.loads(json.dumps(event))
     model = CLIENT_TA.validate_python(wire)
     assert model.type == event["type"]
-    assert _extras(model) == []
+    assert unknown_keys(model) == []
 
 
 @pytest.mark.parametrize(

@@ -11,14 +11,14 @@ import json
 from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import Annotated, Any
 
-import pydantic
 import pytest
 from openai import AsyncOpenAI
 from openai.resources.realtime.realtime import AsyncRealtimeConnection
 from openai.types.realtime import RealtimeServerEvent, RealtimeSessionCreateResponse
 from pydantic import Field, TypeAdapter
 
-from relay.simulator import SimulatorOptions, SimulatorServer
+from relay.simulator import SimulatorServer
+from tests.realtime_checks import strict_simulators, unknown_keys
 
 SERVER_TA: TypeAdapter[Any] = TypeAdapter(Annotated[RealtimeServerEvent, Field(discriminator="type")])
 ALLOWED_EXTRAS = {"$.session.id", "$.session.object", "$.session.expires_at", "$.obfuscation"}
@@ -33,26 +33,15 @@ MakeSim = Callable[..., Awaitable[SimulatorServer]]
 MakeClient = Callable[[SimulatorServer], AsyncOpenAI]
 
 
-def _extras(model: object, path: str = "$") -> list[str]:
-    if isinstance(model, pydantic.BaseModel):
-        found = [f"{path}.{k}" for k in model.model_extra or {}]
-        for name in type(model).model_fields:
-            found += _extras(getattr(model, name), f"{path}.{name}")
-        return found
-    if isinstance(model, list):
-        return [e for i, v in enumerate(model) for e in _extras(v, f"{path}[{i}]")]
-    return []
-
-
 def assert_valid_server_event(raw: bytes | str) -> dict[str, Any]:
     """Validate one received frame strictly (REALTIME.md §7 recipe) and return it decoded."""
     event: dict[str, Any] = json.loads(raw)
     model = SERVER_TA.validate_python(event)
-    extras = [e for e in _extras(model) if e not in ALLOWED_EXTRAS]
+    extras = [e for e in unknown_keys(model) if e not in ALLOWED_EXTRAS]
     assert not extras, f"{event['type']}: unknown keys {extras}"
     if event["type"] in {"session.created", "session.updated"}:
         session = RealtimeSessionCreateResponse.model_validate(event["session"])
-        assert not _extras(session), f"session: unknown keys {_extras(session)}"
+        assert not unknown_keys(session), f"session: unknown keys {unknown_keys(session)}"
     return event
 
 
@@ -72,19 +61,8 @@ def validate_every_received_event(monkeypatch: pytest.MonkeyPatch) -> None:
 @pytest.fixture
 async def make_sim() -> AsyncIterator[MakeSim]:
     """Start strict simulators (test-friendly defaults plus overrides); close and check them afterwards."""
-    servers: list[SimulatorServer] = []
-
-    async def make(**overrides: Any) -> SimulatorServer:
-        server = SimulatorServer(SimulatorOptions(**{**TEST_OPTIONS, **overrides}))
-        await server.start()
-        servers.append(server)
-        return server
-
-    yield make
-    for server in servers:
-        await server.aclose()
-        assert server.failures == []
-        assert server.active_connections == 0
+    async with strict_simulators(TEST_OPTIONS) as make:
+        yield make
 
 
 @pytest.fixture
