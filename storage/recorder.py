@@ -1,0 +1,638 @@
+"""The crash-safe recorder: Ogg Opus segments in a local spool, uploaded in the background.
+
+Implements :class:`storage.ports.SessionRecorder`. Per track (learner, coach):
+
+* the sync audio calls only append to a bounded in-memory inbox (full inbox: the frame is dropped and
+  declared as lost, never blocking the caller);
+* a pump task per recorder drains the inbox every ``drain_s`` in a small shared thread pool, where
+  the audio is encoded with libopus (PyAV) into ~``segment_ms`` segments, each written page by page
+  (flush + fsync every ``page_ms``) to ``<spool>/<session>/<track>/<seq>.ogg.part``, renamed to
+  ``.ogg`` when closed and handed to the :class:`~storage.uploader.Uploader`;
+* a jump of the caller's ``at_ms`` by more than ``DISCONTINUITY_MS`` starts a new segment at the new
+  offset; ``gap()`` stretches are recorded as :class:`AudioGap` rows, never filled;
+* past ``max_spool_bytes`` the audio is dropped, declared in ``AudioRecording.lost_ms`` and as a
+  ``spool_full`` gap, and :attr:`SpoolRecorderFactory.accepting` turns False.
+
+:func:`recover_spool` finishes what a killed process left in the spool.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import os
+import secrets
+import struct
+import threading
+import time
+from collections import deque
+from collections.abc import Sequence
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+from fractions import Fraction
+from pathlib import Path
+from typing import Any, BinaryIO, Final
+
+import av
+from sqlalchemy import select, update
+from sqlalchemy.exc import IntegrityError
+
+from storage.db import Database
+from storage.models import AudioGap, AudioRecording, Session, SessionStatus, TranscriptSegment, utcnow
+from storage.objects import ObjectStore
+from storage.oggopus import OPUS_RATES, OggOpusWriter, truncate_to_last_page
+from storage.ports import Speaker, TranscriptEvent
+from storage.spool import CLOSED_MARKER, Spool, read_gaps, scan
+from storage.uploader import (
+    RETRYABLE,
+    SessionGone,
+    Uploader,
+    get_or_create_recording,
+    recompute_duration,
+    upload_segment,
+)
+
+__all__ = ["SpoolRecorder", "SpoolRecorderFactory", "recover_spool"]
+
+log = logging.getLogger("storage.recorder")
+
+DISCONTINUITY_MS: Final = 60
+DEFAULT_MAX_SPOOL_BYTES: Final = 512 * 1024 * 1024
+DB_BACKOFF_MAX_S: Final = 5.0
+
+
+# --------------------------------------------------------------------------------------------------
+# encoding (runs in the worker pool only)
+
+
+@dataclass(slots=True)
+class _Segment:
+    seq: int
+    start_ms: int
+    part: Path
+    fh: BinaryIO
+    writer: OggOpusWriter
+    codec: Any
+    frame_bytes: int
+    fifo: bytearray = field(default_factory=bytearray)
+    in_samples: int = 0
+    enc_samples: int = 0
+    last_page: float = field(default_factory=time.monotonic)
+
+
+@dataclass(slots=True)
+class _Interval:
+    id: int
+    start_ms: int
+    end_ms: int
+    reason: str
+    lost: bool
+    logged: bool = False
+
+
+@dataclass(slots=True)
+class _Track:
+    speaker: Speaker
+    rate: int = 0
+    inbox: deque[tuple[bytes, int]] = field(default_factory=deque)
+    inbox_bytes: int = 0
+    seg: _Segment | None = None
+    next_seq: int = 0
+    cont_ms: float | None = None
+    resampler: Any = None
+    enc_rate: int = 0
+    intervals: list[_Interval] = field(default_factory=list)
+    lost_ms: float = 0.0
+    had_audio: bool = False
+
+
+class SpoolRecorder:
+    """Records one session. Construct through :meth:`SpoolRecorderFactory.open`."""
+
+    def __init__(self, factory: SpoolRecorderFactory, session_id: str) -> None:
+        self._f = factory
+        self._db = factory.db
+        self.session_id = session_id
+        self._tracks = {s: _Track(s) for s in Speaker}
+        self._lock = threading.Lock()
+        self._interval_ids = 0
+        self._wake = asyncio.Event()
+        self._closing = False
+        self._closed: asyncio.Future[None] | None = None
+        self._transcript_lock = asyncio.Lock()
+        self._pump_task = asyncio.create_task(self._pump(), name=f"recorder:{session_id}:pump")
+
+    # -- audio (sync, on the media path) ----------------------------------------------------------
+    def learner_audio(self, pcm: bytes, *, sample_rate: int, at_ms: int) -> None:
+        self._audio(self._tracks[Speaker.LEARNER], pcm, sample_rate, at_ms)
+
+    def coach_audio(self, pcm: bytes, *, sample_rate: int, at_ms: int) -> None:
+        self._audio(self._tracks[Speaker.COACH], pcm, sample_rate, at_ms)
+
+    def _audio(self, t: _Track, pcm: bytes, sample_rate: int, at_ms: int) -> None:
+        if self._closing or not pcm or sample_rate <= 0:
+            return
+        with self._lock:
+            if not t.rate:
+                t.rate = sample_rate
+            if sample_rate != t.rate:  # a track's rate is fixed: declare rather than mis-time
+                self._lost(t, at_ms, len(pcm) * 1000 / (2 * sample_rate), "rate_change")
+                return
+            if t.inbox_bytes + len(pcm) > self._f.max_buffer_ms * t.rate * 2 // 1000:
+                self._lost(t, at_ms, len(pcm) * 1000 / (2 * sample_rate), "overflow")
+                return
+            t.inbox.append((pcm, at_ms))
+            t.inbox_bytes += len(pcm)
+
+    def gap(self, speaker: Speaker, start_ms: int, end_ms: int, reason: str) -> None:
+        if end_ms <= start_ms:
+            return
+        with self._lock:
+            self._interval_ids += 1
+            self._tracks[speaker].intervals.append(
+                _Interval(self._interval_ids, start_ms, end_ms, reason[:32], lost=False)
+            )
+
+    def _lost(self, t: _Track, at_ms: int, dur_ms: float, reason: str) -> None:
+        """Declare audio we could not keep (caller holds ``_lock``)."""
+        t.lost_ms += dur_ms
+        end = at_ms + round(dur_ms)
+        last = t.intervals[-1] if t.intervals else None
+        if last and last.lost and last.reason == reason and at_ms - last.end_ms <= DISCONTINUITY_MS:
+            last.end_ms = max(last.end_ms, end)
+            last.logged = False
+            return
+        self._interval_ids += 1
+        t.intervals.append(_Interval(self._interval_ids, at_ms, end, reason, lost=True))
+
+    def audio_ms(self, speaker: Speaker) -> int:
+        """Audio of one track received so far (encoded or waiting), in ms."""
+        t = self._tracks[speaker]
+        with self._lock:
+            done = t.seg.in_samples if t.seg else 0
+            return int((done + t.inbox_bytes // 2) * 1000 / t.rate) if t.rate else 0
+
+    # -- the pump: drains the inbox in the worker pool ----------------------------------------------
+    async def _pump(self) -> None:
+        loop = asyncio.get_running_loop()
+        while True:
+            final = self._closing
+            if not final:
+                with contextlib.suppress(TimeoutError):
+                    await asyncio.wait_for(self._wake.wait(), self._f.drain_s)
+                final = self._closing
+            try:
+                closed = await loop.run_in_executor(self._f.pool, self._drain, final)
+            except Exception:
+                log.exception("recorder.drain_failed", extra={"session_id": self.session_id})
+                closed = []
+            for path in closed:
+                self._f.uploader.submit(path)
+            if final:
+                return
+
+    def _drain(self, final: bool) -> list[Path]:
+        closed: list[Path] = []
+        for t in self._tracks.values():
+            with self._lock:
+                items = list(t.inbox)
+                t.inbox.clear()
+                t.inbox_bytes = 0
+            try:
+                for pcm, at_ms in items:
+                    self._feed(t, pcm, at_ms, closed)
+                seg = t.seg
+                if seg is not None:
+                    pending = seg.writer.pending_samples48
+                    due = time.monotonic() - seg.last_page >= self._f.page_ms / 1000
+                    if pending >= self._f.page_ms * 48 or (pending and due):
+                        self._f.spool.add(seg.writer.flush_page())
+                        seg.last_page = time.monotonic()
+                if final and t.seg is not None:
+                    closed.append(self._close_segment(t))
+            except Exception:
+                log.exception("recorder.track_failed", extra={"session_id": self.session_id})
+                if t.seg is not None:
+                    with contextlib.suppress(Exception):
+                        closed.append(self._close_segment(t))
+        self._log_intervals()
+        return closed
+
+    def _log_intervals(self) -> None:
+        with self._lock:
+            todo = [
+                {"id": i.id, "track": t.speaker.value, "start_ms": i.start_ms, "end_ms": i.end_ms,
+                 "reason": i.reason, "lost": i.lost, "lost_ms": round(t.lost_ms)}
+                for t in self._tracks.values() for i in t.intervals if not i.logged
+            ]  # fmt: skip
+            for t in self._tracks.values():
+                for i in t.intervals:
+                    i.logged = True
+        for record in todo:
+            self._f.spool.append_gap(self.session_id, record)
+
+    def _feed(self, t: _Track, pcm: bytes, at_ms: int, closed: list[Path]) -> None:
+        dur_ms = len(pcm) * 1000 / (2 * t.rate)
+        if self._f.spool.used() >= self._f.max_spool_bytes:
+            if t.seg is not None:
+                closed.append(self._close_segment(t))
+            t.cont_ms = None
+            with self._lock:
+                self._lost(t, at_ms, dur_ms, "spool_full")
+            return
+        seg = t.seg
+        if (
+            seg is not None
+            and abs(at_ms - (seg.start_ms + seg.in_samples * 1000 / t.rate)) > DISCONTINUITY_MS
+        ):
+            closed.append(self._close_segment(t))
+            t.cont_ms = None
+            seg = None
+        if seg is None:
+            cont = t.cont_ms
+            start = round(cont) if cont is not None and abs(at_ms - cont) <= DISCONTINUITY_MS else at_ms
+            seg = self._open_segment(t, start)
+        self._encode(t, seg, pcm)
+        t.had_audio = True
+        if seg.in_samples * 1000 >= self._f.segment_ms * t.rate:
+            t.cont_ms = seg.start_ms + seg.in_samples * 1000 / t.rate
+            closed.append(self._close_segment(t))
+
+    def _open_segment(self, t: _Track, start_ms: int) -> _Segment:
+        if not t.enc_rate:
+            t.enc_rate = t.rate if t.rate in OPUS_RATES else 48000
+            if t.enc_rate != t.rate:  # one resampler per track, kept across segments
+                t.resampler = av.AudioResampler(format="s16", layout="mono", rate=48000)
+        codec: Any = av.CodecContext.create("libopus", "w")
+        codec.sample_rate = t.enc_rate
+        codec.layout = "mono"
+        codec.format = "s16"
+        codec.bit_rate = self._f.bit_rate
+        codec.time_base = Fraction(1, t.enc_rate)
+        codec.open()
+        extradata = bytes(codec.extradata or b"")
+        pre_skip = struct.unpack_from("<H", extradata, 10)[0] if len(extradata) >= 12 else 312
+        seq = t.next_seq
+        t.next_seq += 1
+        part = self._f.spool.segment_path(self.session_id, t.speaker.value, seq, part=True)
+        part.parent.mkdir(parents=True, exist_ok=True)
+        fh = part.open("wb")
+        writer = OggOpusWriter(
+            fh, serial=secrets.randbits(32), pre_skip=pre_skip, input_sample_rate=t.rate,
+            comments={"PARLEY_SESSION": self.session_id, "PARLEY_TRACK": t.speaker.value,
+                      "PARLEY_SEQ": str(seq), "PARLEY_START_MS": str(start_ms)},
+        )  # fmt: skip
+        self._f.spool.add(writer.bytes_written)
+        frame_bytes = 2 * int(codec.frame_size or t.enc_rate // 50)
+        t.seg = _Segment(seq, start_ms, part, fh, writer, codec, frame_bytes)
+        return t.seg
+
+    def _encode(self, t: _Track, seg: _Segment, pcm: bytes) -> None:
+        seg.in_samples += len(pcm) // 2
+        if t.resampler is not None:
+            frame = av.AudioFrame(format="s16", layout="mono", samples=len(pcm) // 2)
+            frame.planes[0].update(pcm[: 2 * (len(pcm) // 2)])
+            frame.sample_rate = t.rate
+            for out in t.resampler.resample(frame):
+                seg.fifo += bytes(out.planes[0])[: 2 * out.samples]
+        else:
+            seg.fifo += pcm[: 2 * (len(pcm) // 2)]
+        while len(seg.fifo) >= seg.frame_bytes:
+            self._encode_frame(seg, bytes(seg.fifo[: seg.frame_bytes]), t.enc_rate)
+            del seg.fifo[: seg.frame_bytes]
+
+    @staticmethod
+    def _encode_frame(seg: _Segment, data: bytes | None, rate: int) -> None:
+        if data is None:
+            packets = seg.codec.encode(None)
+        else:
+            frame = av.AudioFrame(format="s16", layout="mono", samples=len(data) // 2)
+            frame.planes[0].update(data)
+            frame.sample_rate = rate
+            frame.pts = seg.enc_samples
+            frame.time_base = Fraction(1, rate)
+            seg.enc_samples += len(data) // 2
+            packets = seg.codec.encode(frame)
+        for packet in packets:
+            seg.writer.add_packet(bytes(packet))
+
+    def _close_segment(self, t: _Track) -> Path:
+        seg = t.seg
+        assert seg is not None
+        t.seg = None
+        try:
+            if seg.fifo:
+                self._encode_frame(seg, bytes(seg.fifo), t.enc_rate)
+                seg.fifo.clear()
+            self._encode_frame(seg, None, t.enc_rate)
+            self._f.spool.add(seg.writer.close(seg.enc_samples * 48000 // t.enc_rate))
+        finally:
+            seg.fh.close()
+        done = seg.part.with_name(seg.part.name.removesuffix(".part"))
+        os.replace(seg.part, done)
+        _fsync_dir(done.parent)
+        return done
+
+    # -- transcript -------------------------------------------------------------------------------
+    async def transcript(self, event: TranscriptEvent) -> str:
+        """Insert-or-update the segment; writes go in call order and retry while the DB is down."""
+        async with self._transcript_lock:
+            attempt = 0
+            deadline = time.monotonic() + self._f.transcript_retry_s
+            while True:
+                attempt += 1
+                try:
+                    return await self._write_transcript(event)
+                except IntegrityError:
+                    if attempt > 5:
+                        raise
+                    continue  # a concurrent write of the same item landed first: update it next time
+                except RETRYABLE:
+                    if time.monotonic() >= deadline:
+                        raise
+                    log.warning(
+                        "recorder.transcript_retry", extra={"session_id": self.session_id, "attempt": attempt}
+                    )
+                    await asyncio.sleep(min(DB_BACKOFF_MAX_S, 0.1 * 2**attempt))
+
+    async def _write_transcript(self, event: TranscriptEvent) -> str:
+        row = dict(
+            session_id=self.session_id, seq=event.seq, speaker=event.speaker.value, text=event.text,
+            start_ms=event.start_ms, end_ms=event.end_ms, final=True, truncated=event.truncated,
+            item_id=event.item_id, previous_item_id=event.previous_item_id,
+        )  # fmt: skip
+        async with self._db.sessions.begin() as s:
+            existing = (
+                await s.execute(
+                    select(TranscriptSegment).where(
+                        TranscriptSegment.session_id == self.session_id,
+                        TranscriptSegment.item_id == event.item_id,
+                        TranscriptSegment.speaker == event.speaker.value,
+                    )
+                )
+            ).scalar_one_or_none()
+            if existing is None:
+                existing = TranscriptSegment(**row)
+                s.add(existing)
+                await s.flush()
+            else:  # a truncation re-states what was heard of an item already stored
+                existing.text = event.text
+                existing.end_ms = event.end_ms
+                existing.truncated = event.truncated
+            return existing.id
+
+    async def history(self) -> Sequence[tuple[Speaker, str]]:
+        async with self._transcript_lock, self._db.sessions() as s:
+            rows = (
+                await s.execute(
+                    select(TranscriptSegment.speaker, TranscriptSegment.text)
+                    .where(TranscriptSegment.session_id == self.session_id, TranscriptSegment.final.is_(True))
+                    .order_by(TranscriptSegment.seq, TranscriptSegment.start_ms)
+                )
+            ).all()
+        return [(Speaker(speaker), text) for speaker, text in rows]
+
+    # -- lifecycle --------------------------------------------------------------------------------
+    async def aclose(self, *, status: str = "complete") -> None:
+        if self._closed is not None:
+            await asyncio.shield(self._closed)
+            return
+        self._closed = asyncio.get_running_loop().create_future()
+        try:
+            self._closing = True
+            self._wake.set()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._pump_task
+            uploaded = await self._f.uploader.wait_session(self.session_id, self._f.upload_wait_s)
+            await self._finalize_with_retries(status)
+            if uploaded:
+                await asyncio.to_thread(self._f.spool.prune_session, self.session_id)
+            else:  # leftovers upload later (or on recovery); the recording is already finalized
+                await asyncio.to_thread(self._f.spool.mark_closed, self.session_id, status)
+        finally:
+            self._closed.set_result(None)
+
+    async def _finalize_with_retries(self, status: str) -> None:
+        deadline = time.monotonic() + self._f.transcript_retry_s
+        attempt = 0
+        while True:
+            attempt += 1
+            try:
+                await _finalize(
+                    self._db,
+                    self.session_id,
+                    status,
+                    {
+                        t.speaker.value: (
+                            t.rate or 24000,
+                            round(t.lost_ms),
+                            [(i.start_ms, i.end_ms, i.reason) for i in t.intervals],
+                        )
+                        for t in self._tracks.values()
+                        if t.had_audio or t.intervals
+                    },
+                )
+                log.info("recorder.finalized", extra={"session_id": self.session_id, "status": status})
+                return
+            except SessionGone:
+                return
+            except RETRYABLE:
+                if time.monotonic() >= deadline:
+                    log.error("recorder.finalize_failed", extra={"session_id": self.session_id})
+                    return
+                await asyncio.sleep(min(DB_BACKOFF_MAX_S, 0.1 * 2**attempt))
+
+
+async def _finalize(
+    db: Database, session_id: str, status: str, tracks: dict[str, tuple[int, int, list[tuple[int, int, str]]]]
+) -> None:
+    """Write/complete the AudioRecording rows (and their gaps) of a session in one transaction."""
+    async with db.sessions.begin() as s:
+        for track, (rate, lost_ms, gaps) in tracks.items():
+            rec_id = await get_or_create_recording(s, session_id, track, rate)
+            await recompute_duration(s, rec_id)
+            await s.execute(
+                update(AudioRecording)
+                .where(AudioRecording.id == rec_id)
+                .values(status=status, lost_ms=lost_ms, completed_at=utcnow())
+            )
+            s.add_all(AudioGap(recording_id=rec_id, start_ms=a, end_ms=b, reason=r) for a, b, r in gaps)
+
+
+def _fsync_dir(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+# --------------------------------------------------------------------------------------------------
+
+
+class SpoolRecorderFactory:
+    """Opens :class:`SpoolRecorder` s; owns the spool, the encoder pool and the uploader."""
+
+    def __init__(
+        self,
+        db: Database,
+        store: ObjectStore,
+        spool_root: Path,
+        *,
+        segment_ms: int = 5000,
+        max_spool_bytes: int = DEFAULT_MAX_SPOOL_BYTES,
+        page_ms: int = 1000,
+        drain_s: float = 0.2,
+        bit_rate: int = 32000,
+        max_buffer_ms: int = 10_000,
+        upload_wait_s: float = 10.0,
+        transcript_retry_s: float = 120.0,
+        backoff_initial_s: float = 0.2,
+        backoff_max_s: float = 10.0,
+        workers: int = 2,
+    ) -> None:
+        self.db = db
+        self.store = store
+        self.spool = Spool(spool_root)
+        self.segment_ms = segment_ms
+        self.max_spool_bytes = max_spool_bytes
+        self.page_ms = page_ms
+        self.drain_s = drain_s
+        self.bit_rate = bit_rate
+        self.max_buffer_ms = max_buffer_ms
+        self.upload_wait_s = upload_wait_s
+        self.transcript_retry_s = transcript_retry_s
+        self.pool = ThreadPoolExecutor(max_workers=workers, thread_name_prefix="recorder-enc")
+        self.uploader = Uploader(
+            db, store, self.spool, backoff_initial_s=backoff_initial_s, backoff_max_s=backoff_max_s
+        )
+
+    def open(self, session_id: str) -> SpoolRecorder:
+        return SpoolRecorder(self, session_id)
+
+    def spool_bytes(self) -> int:
+        """Bytes in the spool now (segments written and waiting), for metrics."""
+        return self.spool.used()
+
+    @property
+    def accepting(self) -> bool:
+        """False while the spool is at its budget: the relay should refuse new sessions."""
+        return self.spool.used() < self.max_spool_bytes
+
+    async def aclose(self) -> None:
+        """Stop the uploader and the encoder pool (close the recorders first)."""
+        await self.uploader.aclose()
+        await asyncio.to_thread(self.pool.shutdown, True)
+
+
+# --------------------------------------------------------------------------------------------------
+
+
+async def recover_spool(
+    db: Database,
+    store: ObjectStore,
+    spool_root: Path,
+    *,
+    deadline_s: float = 60.0,
+    backoff_initial_s: float = 0.2,
+    backoff_max_s: float = 5.0,
+) -> list[str]:
+    """Upload what a killed process left in the spool; returns the sessions marked ``interrupted``.
+
+    ``.part`` files are cut after their last complete Ogg page. Sessions whose recorder had
+    finalized (a ``closed`` marker) only get their leftover segments uploaded. Segments that still
+    cannot be uploaded by ``deadline_s`` stay in the spool for the next start.
+    """
+    spool = Spool(spool_root)
+    deadline = time.monotonic() + deadline_s
+    segments = await asyncio.to_thread(scan, spool_root)
+    session_ids = await asyncio.to_thread(_session_dirs, spool_root)
+    complete: set[str] = set()
+    for seg in segments:
+        path = seg.path
+        if seg.part:
+            info = await asyncio.to_thread(truncate_to_last_page, path)
+            if info is None:
+                await asyncio.to_thread(spool.remove, path)
+                continue
+            path = path.with_name(path.name.removesuffix(".part"))
+            await asyncio.to_thread(os.replace, seg.path, path)
+        attempt = 0
+        while True:
+            try:
+                await upload_segment(db, store, spool, path)
+                break
+            except RETRYABLE as exc:
+                attempt += 1
+                if time.monotonic() >= deadline:
+                    log.warning("recover.upload_deferred", extra={"segment": str(path), "error": repr(exc)})
+                    break
+                await asyncio.sleep(min(backoff_max_s, backoff_initial_s * 2**attempt))
+            except ValueError:
+                log.warning("recover.unreadable_segment", extra={"segment": str(path)})
+                break
+    interrupted: list[str] = []
+    for sid in session_ids:
+        base = spool_root / sid
+        marker = base / CLOSED_MARKER
+        if not marker.exists():
+            try:
+                await _mark_interrupted(db, spool_root, sid)
+                interrupted.append(sid)
+            except SessionGone:
+                await asyncio.to_thread(spool.remove_session, sid)
+                continue
+            except RETRYABLE:
+                log.warning("recover.finalize_deferred", extra={"session_id": sid})
+                continue
+        if await asyncio.to_thread(spool.prune_session, sid):
+            complete.add(sid)
+    log.info("recover.done", extra={"interrupted": len(interrupted), "pruned": len(complete)})
+    return interrupted
+
+
+def _session_dirs(root: Path) -> list[str]:
+    return sorted(p.name for p in root.iterdir() if p.is_dir()) if root.is_dir() else []
+
+
+async def _mark_interrupted(db: Database, spool_root: Path, session_id: str) -> None:
+    latest: dict[tuple[str, int], dict[str, object]] = {}
+    for record in await asyncio.to_thread(read_gaps, spool_root, session_id):
+        latest[(str(record.get("track")), int(str(record.get("id", 0))))] = record
+    tracks: dict[str, tuple[int, int, list[tuple[int, int, str]]]] = {}
+    async with db.sessions() as s:
+        if (await s.execute(select(Session.id).where(Session.id == session_id))).scalar_one_or_none() is None:
+            raise SessionGone(session_id)
+        existing = (
+            await s.execute(
+                select(AudioRecording.track, AudioRecording.sample_rate).where(
+                    AudioRecording.session_id == session_id
+                )
+            )
+        ).all()
+    for track, rate in existing:
+        tracks[track] = (rate, 0, [])
+    for (track, _id), rec in sorted(latest.items(), key=lambda kv: kv[0]):
+        rate, lost, gaps = tracks.get(track, (24000, 0, []))
+        lost = max(lost, int(str(rec.get("lost_ms", 0))))
+        gaps.append((int(str(rec["start_ms"])), int(str(rec["end_ms"])), str(rec["reason"])))
+        tracks[track] = (rate, lost, gaps)
+    await _finalize(db, session_id, "interrupted", tracks)
+    async with db.sessions.begin() as s:
+        await s.execute(
+            update(Session)
+            .where(
+                Session.id == session_id,
+                Session.status.in_(
+                    (SessionStatus.CREATED, SessionStatus.CONNECTING, SessionStatus.LIVE,
+                     SessionStatus.RECONNECTING, SessionStatus.ENDING, SessionStatus.ENDED)
+                ),
+            )
+            .values(status=SessionStatus.INTERRUPTED)
+        )  # fmt: skip
+        await s.execute(
+            update(Session)
+            .where(Session.id == session_id, Session.ended_at.is_(None))
+            .values(ended_at=utcnow())
+        )

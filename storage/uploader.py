@@ -1,0 +1,231 @@
+"""Moves closed spool segments to the object store, then lists them in the manifest.
+
+Order per segment: read it, ``put`` it under ``sessions/<sid>/audio/<track>/<seq:06d>.ogg``, insert
+its :class:`AudioChunk` row if absent (unique ``(recording_id, seq)``: a retry never duplicates),
+then delete the spool file. A failure anywhere retries the whole step with exponential backoff; the
+file stays in the spool until its row exists. A segment of a deleted session is deleted, not kept.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import hashlib
+import logging
+from collections import deque
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Final
+
+from sqlalchemy import func, select, update
+from sqlalchemy.exc import IntegrityError, InterfaceError, OperationalError
+from sqlalchemy.ext.asyncio import AsyncSession
+
+from storage.db import Database, DatabaseUnavailable
+from storage.models import AudioChunk, AudioRecording, Session
+from storage.objects import ObjectStore, ObjectStoreError
+from storage.oggopus import read_segment_info
+from storage.spool import CLOSED_MARKER, Spool, object_key
+
+__all__ = ["RETRYABLE", "SessionGone", "Uploader", "get_or_create_recording", "upload_segment"]
+
+log = logging.getLogger("storage.uploader")
+
+#: Errors that mean "try again later" (store or database unreachable, file system hiccup).
+RETRYABLE: Final = (ObjectStoreError, OperationalError, InterfaceError, DatabaseUnavailable, OSError)
+
+
+class SessionGone(Exception):
+    """The session row no longer exists: its audio must not be kept."""
+
+
+async def get_or_create_recording(s: AsyncSession, session_id: str, track: str, sample_rate: int) -> str:
+    """The recording id of one track, creating the row (status ``recording``) if needed."""
+    for _ in range(2):
+        rec_id = (
+            await s.execute(
+                select(AudioRecording.id).where(
+                    AudioRecording.session_id == session_id, AudioRecording.track == track
+                )
+            )
+        ).scalar_one_or_none()
+        if rec_id is not None:
+            return rec_id
+        if (await s.execute(select(Session.id).where(Session.id == session_id))).scalar_one_or_none() is None:
+            raise SessionGone(session_id)
+        rec = AudioRecording(
+            session_id=session_id, track=track, format="ogg/opus", sample_rate=sample_rate, channels=1,
+            status="recording",
+        )  # fmt: skip
+        try:
+            async with s.begin_nested():
+                s.add(rec)
+                await s.flush()
+            return rec.id
+        except IntegrityError:
+            continue  # created concurrently: read it
+    raise RuntimeError("could not create the audio recording row")
+
+
+async def recompute_duration(s: AsyncSession, recording_id: str) -> int:
+    total = (
+        await s.execute(
+            select(func.coalesce(func.sum(AudioChunk.duration_ms), 0)).where(
+                AudioChunk.recording_id == recording_id
+            )
+        )
+    ).scalar_one()
+    await s.execute(update(AudioRecording).where(AudioRecording.id == recording_id).values(duration_ms=total))
+    return int(total)
+
+
+async def upload_segment(db: Database, store: ObjectStore, spool: Spool, path: Path) -> None:
+    """Upload one closed segment and list it; idempotent. Raises a RETRYABLE error to be retried."""
+    data = await asyncio.to_thread(path.read_bytes)
+    info = read_segment_info(data)
+    session_id, track, seq = (
+        info.tags["PARLEY_SESSION"],
+        info.tags["PARLEY_TRACK"],
+        int(info.tags["PARLEY_SEQ"]),
+    )
+    start_ms = int(info.tags["PARLEY_START_MS"])
+    data = data[: info.valid_bytes]
+    key = object_key(session_id, track, seq)
+    try:
+        async with db.sessions() as s:
+            if (
+                await s.execute(select(Session.id).where(Session.id == session_id))
+            ).scalar_one_or_none() is None:
+                raise SessionGone(session_id)
+        await store.put(key, data, content_type="audio/ogg")
+        async with db.sessions.begin() as s:
+            rec_id = await get_or_create_recording(s, session_id, track, info.sample_rate)
+            exists = (
+                await s.execute(
+                    select(AudioChunk.id).where(AudioChunk.recording_id == rec_id, AudioChunk.seq == seq)
+                )
+            ).scalar_one_or_none()
+            if exists is None:
+                s.add(
+                    AudioChunk(
+                        recording_id=rec_id, seq=seq, start_ms=start_ms, duration_ms=info.duration_ms,
+                        object_key=key, size_bytes=len(data), sha256=hashlib.sha256(data).hexdigest(),
+                    )
+                )  # fmt: skip
+                await s.flush()
+                await recompute_duration(s, rec_id)
+    except SessionGone:
+        log.info("uploader.session_gone", extra={"session_id": session_id})
+        await store.delete(key)
+        await asyncio.to_thread(spool.remove_session, session_id)
+        return
+    except IntegrityError:
+        # The row landed concurrently (or the session vanished mid-way): the next attempt settles it.
+        raise OSError("manifest write conflicted; retrying") from None
+    await asyncio.to_thread(spool.remove, path)
+
+
+@dataclass(slots=True)
+class _Backoff:
+    initial: float
+    maximum: float
+    attempt: int = 0
+
+    def next(self) -> float:
+        delay: float = min(self.maximum, self.initial * 2.0**self.attempt)
+        self.attempt += 1
+        return delay
+
+
+class Uploader:
+    """One background task per process: uploads queued segments in order, retrying with backoff."""
+
+    def __init__(
+        self,
+        db: Database,
+        store: ObjectStore,
+        spool: Spool,
+        *,
+        backoff_initial_s: float = 0.2,
+        backoff_max_s: float = 10.0,
+    ) -> None:
+        self._db = db
+        self._store = store
+        self._spool = spool
+        self._backoff = (backoff_initial_s, backoff_max_s)
+        self._queue: deque[Path] = deque()
+        self._queued: set[Path] = set()
+        self._pending: dict[str, int] = {}
+        self._changed = asyncio.Condition()
+        self._task: asyncio.Task[None] | None = None
+        self._closed = False
+
+    def submit(self, path: Path) -> None:
+        """Queue a closed segment (path ``<root>/<session>/<track>/<seq>.ogg``)."""
+        if path in self._queued:
+            return
+        if self._task is None:
+            self._task = asyncio.create_task(self._run(), name="storage:uploader")
+        self._queued.add(path)
+        self._queue.append(path)
+        sid = path.parent.parent.name
+        self._pending[sid] = self._pending.get(sid, 0) + 1
+        asyncio.get_running_loop().create_task(self._notify())
+
+    def pending(self, session_id: str) -> int:
+        return self._pending.get(session_id, 0)
+
+    async def _notify(self) -> None:
+        async with self._changed:
+            self._changed.notify_all()
+
+    async def wait_session(self, session_id: str, wait_s: float) -> bool:
+        """Wait until every queued segment of the session is uploaded; False on timeout."""
+        try:
+            async with asyncio.timeout(wait_s), self._changed:
+                await self._changed.wait_for(lambda: self._pending.get(session_id, 0) == 0)
+            return True
+        except TimeoutError:
+            return False
+
+    async def _run(self) -> None:
+        while True:
+            async with self._changed:
+                await self._changed.wait_for(lambda: bool(self._queue) or self._closed)
+            if not self._queue:
+                return
+            path = self._queue[0]
+            backoff = _Backoff(*self._backoff)
+            while True:
+                try:
+                    if path.exists():
+                        await upload_segment(self._db, self._store, self._spool, path)
+                    break
+                except RETRYABLE as exc:
+                    delay = backoff.next()
+                    log.warning(
+                        "uploader.retry",
+                        extra={"segment": str(path), "attempt": backoff.attempt, "error": type(exc).__name__},
+                    )
+                    await asyncio.sleep(delay)
+                except Exception:
+                    log.exception("uploader.failed", extra={"segment": str(path)})
+                    break  # unreadable segment: leave it in the spool for an operator / recovery
+            self._queue.popleft()
+            self._queued.discard(path)
+            sid = path.parent.parent.name
+            self._pending[sid] = self._pending.get(sid, 1) - 1
+            if self._pending[sid] <= 0:
+                del self._pending[sid]
+                if (self._spool.root / sid / CLOSED_MARKER).exists():  # finalized earlier: tidy up
+                    await asyncio.to_thread(self._spool.prune_session, sid)
+            async with self._changed:
+                self._changed.notify_all()
+
+    async def aclose(self) -> None:
+        """Stop; segments not yet uploaded stay in the spool for :func:`recover_spool`."""
+        self._closed = True
+        if self._task is not None:
+            self._task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._task
