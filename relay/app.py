@@ -48,7 +48,7 @@ from relay.upstream import open_upstream
 from storage import migrate
 from storage.db import Database, DatabaseUnavailable
 from storage.objects import ObjectStoreError, open_object_store
-from storage.recorder_plain import PlainRecorderFactory
+from storage.recorder import SpoolRecorderFactory, recover_spool
 
 __all__ = ["build_app"]
 
@@ -163,12 +163,20 @@ async def _live_sessions(app: web.Application) -> AsyncIterator[None]:
     monitor = LoopLagMonitor(on_sample=app[METRICS].loop_lag.observe)
     monitor.start()
     app[LOOP_LAG] = monitor
-    app[RECORDERS] = PlainRecorderFactory(app[DATABASE], settings.data_dir / "spool")
+    spool_root = settings.data_dir / "spool"
+    recorders = SpoolRecorderFactory(
+        app[DATABASE], app[OBJECTS], spool_root, max_spool_bytes=settings.spool_max_bytes
+    )
+    app[RECORDERS] = recorders
+    app[METRICS].spool_bytes.set_function(recorders.spool_bytes)
+    # Whatever a killed process left in the spool is uploaded and marked interrupted, in the background.
+    recovery = asyncio.create_task(_recover(app, spool_root), name="recorder:recover-spool")
     registry = SessionRegistry(
         max_sessions=settings.max_sessions,
         max_loop_lag_ms=settings.max_loop_lag_ms,
         loop_lag_ms=lambda: monitor.lag_ms,
         on_refused=lambda cause: app[METRICS].session_refusals.labels(cause).inc(),
+        recording_ok=lambda: recorders.accepting,
     )
     app[REGISTRY] = registry
     live: set[asyncio.Task[None]] = set()
@@ -178,7 +186,20 @@ async def _live_sessions(app: web.Application) -> AsyncIterator[None]:
     finally:
         await registry.drain(settings.drain_timeout_s)
         await asyncio.gather(*live, return_exceptions=True)
+        recovery.cancel()
+        await asyncio.gather(recovery, return_exceptions=True)
+        await recorders.aclose()
         await monitor.aclose()
+
+
+async def _recover(app: web.Application, spool_root: Path) -> None:
+    try:
+        recovered = await recover_spool(app[DATABASE], app[OBJECTS], spool_root)
+    except Exception:
+        log.exception("recorder.recovery_failed")
+        return
+    if recovered:
+        log.warning("recorder.recovered", extra={"sessions": len(recovered)})
 
 
 @web.middleware

@@ -104,6 +104,7 @@ class Settings:
     max_loop_lag_ms: float = 150.0
     drain_timeout_s: float = 60.0
     coach_bitrate: int = 32000
+    spool_max_bytes: int = 512 * 1024 * 1024
 
     def __post_init__(self) -> None:
         # Derived defaults depend on data_dir; frozen dataclasses need object.__setattr__ for them.
@@ -141,6 +142,8 @@ class Settings:
             raise ConfigError("PARLEY_RECONNECT_GRACE", "must be between 1 and 600 seconds")
         if not 10 <= self.max_session_s <= 4 * 3600:
             raise ConfigError("PARLEY_MAX_SESSION_SECONDS", "must be between 10 and 14400 seconds")
+        if self.spool_max_bytes < 1024 * 1024:
+            raise ConfigError("PARLEY_SPOOL_MAX_BYTES", "must be at least 1048576 (1 MiB)")
         if not 6000 <= self.coach_bitrate <= 128000:
             raise ConfigError("PARLEY_COACH_BITRATE", "must be between 6000 and 128000 bit/s")
         for address in self.rtc_host_addresses:
@@ -240,6 +243,7 @@ class Settings:
             max_loop_lag_ms=_float("PARLEY_MAX_LOOP_LAG_MS", get("PARLEY_MAX_LOOP_LAG_MS"), 150.0),
             drain_timeout_s=_float("PARLEY_DRAIN_TIMEOUT", get("PARLEY_DRAIN_TIMEOUT"), 60.0),
             coach_bitrate=_int("PARLEY_COACH_BITRATE", get("PARLEY_COACH_BITRATE"), 32000),
+            spool_max_bytes=_int("PARLEY_SPOOL_MAX_BYTES", get("PARLEY_SPOOL_MAX_BYTES"), 512 * 1024 * 1024),
         )
 
 

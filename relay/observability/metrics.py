@@ -115,6 +115,10 @@ class Metrics:
             registry=r,
         )
 
+        self.spool_bytes = Gauge(
+            "parley_spool_bytes", "Audio waiting in the local spool for the object store.", registry=r
+        )
+
     def request_done(self, route: str, method: str, status: int, seconds: float) -> None:
         self.http_requests.labels(route, method, str(status)).inc()
         self.http_latency.labels(route, method).observe(seconds)

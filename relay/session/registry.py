@@ -34,6 +34,7 @@ class SessionRegistry:
         max_loop_lag_ms: float,
         loop_lag_ms: Callable[[], float],
         on_refused: Callable[[str], None] = lambda cause: None,
+        recording_ok: Callable[[], bool] = lambda: True,
     ) -> None:
         self._sessions: dict[str, LiveSession] = {}
         self._max = max_sessions
@@ -42,6 +43,7 @@ class SessionRegistry:
         self._draining = False
         self._admitting: set[str] = set()
         self._on_refused = on_refused
+        self._recording_ok = recording_ok
 
     def __len__(self) -> int:
         return len(self._sessions)
@@ -61,6 +63,9 @@ class SessionRegistry:
         if len(self._sessions) + len(self._admitting) >= self._max:
             self._on_refused("capacity")
             raise CapacityError("This node is at capacity; try again shortly.", retry_after_s=RETRY_AFTER_S)
+        if not self._recording_ok():
+            self._on_refused("spool_full")
+            raise CapacityError("Recording storage is full; try again later.", retry_after_s=RETRY_AFTER_S)
         lag = self._lag()
         if lag > self._max_lag_ms:
             self._on_refused("loop_lag")

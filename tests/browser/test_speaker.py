@@ -4,8 +4,6 @@ from __future__ import annotations
 
 import asyncio
 import fractions
-import statistics
-import time
 from collections.abc import Iterator
 from typing import Any
 
@@ -59,28 +57,23 @@ def decode(packets: list[Any]) -> list[av.AudioFrame]:
     return frames
 
 
-async def test_real_time_pacing_pts_silence_and_decodable_mono_opus() -> None:
-    """Over 2.4 s frames leave on 20 ms slots without drift, pts is continuous, idle is silence."""
+async def test_absolute_slots_pts_silence_and_decodable_mono_opus(clock: VirtualClock) -> None:
+    """Frame n is returned at t0 + n * 20 ms (no drift), pts is continuous, idle slots are silence.
+
+    The schedule is checked on a virtual clock; real-time pacing quality under load is measured by
+    the benchmark (tests/bench), not asserted here.
+    """
     track = SpeakerTrack()
     assert track._encoder.layout.name == "mono" and track._encoder.sample_rate == 24000
     voice = pcm_ms(1000, 440)
     packets, returned = [], []
-    start = time.monotonic()
     for n in range(120):
         if n == 20:
             track.feed(voice, item_id="a")
         packets.append(await track.recv())
-        returned.append(time.monotonic())
-    lateness_ms = [(t - returned[0]) * 1000 - 20 * i for i, t in enumerate(returned)]
-    intervals_ms = [(b - a) * 1000 for a, b in zip(returned, returned[1:], strict=False)]
-    assert returned[0] - start < 0.005  # slot 0 is due at once
-    assert abs(lateness_ms[-1]) < 5  # no drift after 2.4 s
-    # asyncio timers wake ~1 ms late (epoll's millisecond timeout). The tails leave room for other
-    # processes on these 2 cores: with both cores saturated we measured median 1 ms, p95 5.5 ms,
-    # max 10 ms and up to 15 of 120 frames more than 5 ms late; idle, none.
-    assert statistics.median(lateness_ms) < 2.5 and max(lateness_ms) < 20
-    assert track.stats.frames_late_5ms <= 24
-    assert statistics.median(abs(i - 20) for i in intervals_ms) < 1.5
+        returned.append(clock.now)
+    assert [round((t - returned[0]) * 1000, 6) for t in returned] == [20.0 * i for i in range(120)]
+    assert track.stats.frames_late_5ms == 0 and track.stats.schedule_skips == 0
     assert [p.pts for p in packets] == [960 * i for i in range(120)]
     assert all(p.time_base == TB for p in packets)
     assert track.stats.frames_sent == 120 and track.stats.audio_frames == 50
