@@ -17,7 +17,7 @@ from sqlalchemy import and_, or_, select, update
 from sqlalchemy.ext.asyncio import AsyncSession
 
 from storage import audit
-from storage.models import ClientSecret, Session, SessionStatus, utcnow
+from storage.models import AudioRecording, ClientSecret, Session, SessionStatus, TranscriptSegment, utcnow
 
 __all__ = [
     "InvalidCursor",
@@ -27,7 +27,10 @@ __all__ = [
     "get_owned_session",
     "list_owned_sessions",
     "record_client_secret",
+    "recordings",
     "redeem_client_secret",
+    "transcript_segments",
+    "transition",
 ]
 
 
@@ -170,3 +173,28 @@ async def transition(
         code=code,
     )
     return previous
+
+
+async def transcript_segments(s: AsyncSession, session_id: str) -> Sequence[TranscriptSegment]:
+    """Final segments of a session in conversation order (position, then start time)."""
+    rows = await s.execute(
+        select(TranscriptSegment)
+        .where(TranscriptSegment.session_id == session_id)
+        .order_by(TranscriptSegment.seq, TranscriptSegment.start_ms, TranscriptSegment.id)
+    )
+    return rows.scalars().all()
+
+
+async def recordings(s: AsyncSession, session_ids: Sequence[str]) -> dict[str, list[AudioRecording]]:
+    """The audio tracks of several sessions at once (for Session views), by session id."""
+    if not session_ids:
+        return {}
+    rows = await s.execute(
+        select(AudioRecording)
+        .where(AudioRecording.session_id.in_(session_ids))
+        .order_by(AudioRecording.track)
+    )
+    found: dict[str, list[AudioRecording]] = {}
+    for rec in rows.scalars():
+        found.setdefault(rec.session_id, []).append(rec)
+    return found

@@ -99,12 +99,16 @@ async def list_sessions(request: web.Request) -> web.Response:
             page = await sessions.list_owned_sessions(
                 s, principal.user_id, limit=int(raw_limit), cursor=cursor
             )
+            audio = await sessions.recordings(s, [x.id for x in page.sessions])
     except sessions.InvalidCursor:
         raise BadRequest(
             "cursor: not a cursor this API handed out", code="invalid_request", field="cursor"
         ) from None
     return web.json_response(
-        {"sessions": [session_view(x) for x in page.sessions], "next_cursor": page.next_cursor}
+        {
+            "sessions": [session_view(x, audio.get(x.id, ())) for x in page.sessions],
+            "next_cursor": page.next_cursor,
+        }
     )
 
 
@@ -113,6 +117,7 @@ async def get_session(request: web.Request) -> web.Response:
     principal = await current_principal(request)
     async with request.app[DATABASE].sessions() as s:
         session = await sessions.get_owned_session(s, request.match_info["session_id"], principal.user_id)
-    if session is None:
-        raise NotFound(NOT_FOUND)
-    return web.json_response(session_view(session))
+        if session is None:
+            raise NotFound(NOT_FOUND)
+        audio = await sessions.recordings(s, [session.id])
+    return web.json_response(session_view(session, audio.get(session.id, ())))

@@ -169,6 +169,7 @@ async def end_session(request: web.Request) -> web.Response:
             )
     async with db.sessions() as s:
         row = await sessions.get_owned_session(s, session_id, principal.user_id)
-    if row is None:
-        raise NotFound("No such session.")
-    return web.json_response(session_view(row))
+        if row is None:
+            raise NotFound("No such session.")
+        audio = await sessions.recordings(s, [row.id])
+    return web.json_response(session_view(row, audio.get(row.id, ())))

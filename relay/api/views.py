@@ -2,12 +2,13 @@
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from datetime import datetime
 from typing import Any
 
-from storage.models import Session, Topic, User
+from storage.models import AudioRecording, Session, Topic, TranscriptSegment, User
 
-__all__ = ["iso", "session_view", "topic_view", "user_view"]
+__all__ = ["iso", "segment_view", "session_view", "topic_view", "user_view"]
 
 
 def iso(when: datetime | None) -> str | None:
@@ -38,7 +39,18 @@ def topic_view(topic: Topic, *, admin: bool = False) -> dict[str, Any]:
     return view
 
 
-def session_view(session: Session) -> dict[str, Any]:
+def segment_view(row: TranscriptSegment) -> dict[str, Any]:
+    return {
+        "id": row.id,
+        "speaker": row.speaker,
+        "text": row.text,
+        "start_ms": row.start_ms,
+        "end_ms": row.end_ms,
+        "final": row.final,
+    }
+
+
+def session_view(session: Session, recordings: Sequence[AudioRecording] = ()) -> dict[str, Any]:
     return {
         "id": session.id,
         "topic_id": session.topic_id,
@@ -48,6 +60,9 @@ def session_view(session: Session) -> dict[str, Any]:
         "started_at": iso(session.started_at),
         "ended_at": iso(session.ended_at),
         "duration_ms": session.duration_ms,
-        "audio": [],
+        "audio": [
+            {"track": r.track, "duration_ms": r.duration_ms, "format": r.format}
+            for r in sorted(recordings, key=lambda r: r.track)
+        ],
         "rating": None,
     }

@@ -76,6 +76,15 @@ async def test_three_turn_conversation_with_audio_both_ways(relay: Relay) -> Non
     assert recordings["learner"].duration_ms >= sent_ms
     assert recordings["coach"].duration_ms > 1000
     assert [a[0] for a in audit] == ["created", "connecting", "live", "ending", "ended"]
+    # The same transcript and tracks through the API.
+    listed = await (
+        await relay.client.get(f"/v1/sessions/{call.session_id}/transcript", headers=call.learner.auth)
+    ).json()
+    assert [x["id"] for x in listed["segments"]] == [x.id for x in segments]
+    session = await (
+        await relay.client.get(f"/v1/sessions/{call.session_id}", headers=call.learner.auth)
+    ).json()
+    assert {a["track"] for a in session["audio"]} == {"learner", "coach"}
     metrics = relay.client.app[METRICS].render().decode()
     assert 'parley_first_response_seconds_count{turn="first"} 1.0' in metrics
     assert 'parley_session_outcomes_total{reason="ended_by_user"} 1.0' in metrics
