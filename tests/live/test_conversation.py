@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import asyncio
+import io
 
+import av
 from sqlalchemy import select
 
 from relay.keys import DATABASE, METRICS, REGISTRY
@@ -85,6 +87,11 @@ async def test_three_turn_conversation_with_audio_both_ways(relay: Relay) -> Non
         await relay.client.get(f"/v1/sessions/{call.session_id}", headers=call.learner.auth)
     ).json()
     assert {a["track"] for a in session["audio"]} == {"learner", "coach"}
+    audio = await relay.client.get(f"/v1/sessions/{call.session_id}/audio/learner", headers=call.learner.auth)
+    assert audio.status == 200 and audio.content_type == "audio/ogg"
+    with av.open(io.BytesIO(await audio.read())) as container:
+        decoded_ms = sum(f.samples for f in container.decode(audio=0)) * 1000 // 48000
+    assert decoded_ms >= sent_ms  # the learner's speech, playable as one stream
     metrics = relay.client.app[METRICS].render().decode()
     assert 'parley_first_response_seconds_count{turn="first"} 1.0' in metrics
     assert 'parley_session_outcomes_total{reason="ended_by_user"} 1.0' in metrics
