@@ -18,7 +18,6 @@ any byte range is served by reading only the segments it covers.
 from __future__ import annotations
 
 import asyncio
-import binascii
 import bisect
 import logging
 import struct
@@ -32,9 +31,9 @@ from sqlalchemy import select
 from storage.db import Database
 from storage.models import AudioChunk, AudioRecording
 from storage.objects import ObjectStore
-from storage.oggopus import opus_packet_samples48, opus_tags
+from storage.oggopus import OggPage, crc32_ogg, opus_packet_samples48, opus_tags, parse_pages
 
-__all__ = ["SILENCE_PACKET", "AssembledTrack", "assembled_track", "ogg_crc"]
+__all__ = ["SILENCE_PACKET", "AssembledTrack", "assembled_track"]
 
 log = logging.getLogger("storage.assembly")
 
@@ -52,14 +51,6 @@ PLAN_CACHE_SIZE: Final = 32
 #: Segments read at once while planning.
 PARALLEL_READS: Final = 8
 
-_BITREV: Final = bytes(int(f"{i:08b}"[::-1], 2) for i in range(256))
-
-
-def ogg_crc(data: bytes | bytearray) -> int:
-    """Ogg's CRC32 (non-reflected 0x04C11DB7, init 0, no xor) computed by zlib on bit-reversed input."""
-    reflected = binascii.crc32(bytes(data).translate(_BITREV), 0xFFFFFFFF) ^ 0xFFFFFFFF
-    return int(f"{reflected:032b}"[::-1], 2)
-
 
 def _lacing(packets: Sequence[bytes]) -> bytes:
     out = bytearray()
@@ -74,52 +65,12 @@ def _build_page(*, flags: int, granule: int, seqno: int, packets: Sequence[bytes
         raise ValueError("too many packets for one Ogg page")
     header = struct.pack("<4sBBqIIIB", b"OggS", 0, flags, granule, SERIAL, seqno, 0, len(lacing))
     page = bytearray(header + lacing + b"".join(packets))
-    struct.pack_into("<I", page, 22, ogg_crc(page))
+    struct.pack_into("<I", page, 22, crc32_ogg(page))
     return bytes(page)
 
 
 def _page_len(packets: Sequence[bytes]) -> int:
     return HEADER_LEN + sum(len(p) // 255 + 1 for p in packets) + sum(len(p) for p in packets)
-
-
-@dataclass(frozen=True, slots=True)
-class _SrcPage:
-    offset: int
-    length: int
-    granule: int
-    packets: list[bytes]
-
-
-def _scan_pages(data: bytes) -> list[_SrcPage]:
-    """The complete, CRC-valid pages at the start of ``data`` (like ``oggopus.parse_pages``, faster)."""
-    pages: list[_SrcPage] = []
-    pos = 0
-    while pos + HEADER_LEN <= len(data):
-        capture, version, _flags, granule, _serial, _seqno, crc, nseg = struct.unpack_from(
-            "<4sBBqIIIB", data, pos
-        )
-        if capture != b"OggS" or version != 0 or pos + HEADER_LEN + nseg > len(data):
-            break
-        lacing = data[pos + HEADER_LEN : pos + HEADER_LEN + nseg]
-        end = pos + HEADER_LEN + nseg + sum(lacing)
-        if end > len(data):
-            break
-        page = bytearray(data[pos:end])
-        struct.pack_into("<I", page, 22, 0)
-        if ogg_crc(page) != crc:
-            break
-        packets: list[bytes] = []
-        body = pos + HEADER_LEN + nseg
-        current = 0
-        for value in lacing:
-            current += value
-            if value < 255:
-                packets.append(data[body : body + current])
-                body += current
-                current = 0
-        pages.append(_SrcPage(pos, end - pos, granule, packets))
-        pos = end
-    return pages
 
 
 @dataclass(frozen=True, slots=True)
@@ -145,7 +96,7 @@ class _Segment:
     start_ms: int
     head: bytes
     pre_skip: int
-    pages: list[_SrcPage]
+    pages: list[OggPage]
 
 
 @dataclass(frozen=True, slots=True)
@@ -159,12 +110,12 @@ class _Plan:
 
 
 def _parse_segment(key: str, start_ms: int, data: bytes) -> _Segment | None:
-    pages = _scan_pages(data)
+    pages = parse_pages(data)
     if len(pages) < 3 or not pages[0].packets or not pages[0].packets[0].startswith(b"OpusHead"):
         return None
     head = pages[0].packets[0]
     pre_skip = struct.unpack_from("<H", head, 10)[0]
-    audio = [_SrcPage(p.offset, p.length, p.granule, p.packets) for p in pages[2:] if p.packets]
+    audio = [p for p in pages[2:] if p.packets]
     if not audio:
         return None
     return _Segment(key, start_ms, head, pre_skip, audio)
@@ -263,7 +214,7 @@ def _rewrite(page: _OutPage, src: bytes) -> bytes:
         )
     out = bytearray(src)
     struct.pack_into("<BqIII", out, 5, page.flags, page.granule, SERIAL, page.seqno, 0)
-    struct.pack_into("<I", out, 22, ogg_crc(out))
+    struct.pack_into("<I", out, 22, crc32_ogg(out))
     return bytes(out)
 
 

@@ -10,6 +10,7 @@ start on the session timeline), and the last complete page's granule gives the d
 
 from __future__ import annotations
 
+import binascii
 import os
 import struct
 from collections.abc import Mapping
@@ -40,26 +41,17 @@ OPUS_RATES: Final = (8000, 12000, 16000, 24000, 48000)
 VENDOR: Final = "parley"
 
 
-def _crc_table() -> tuple[int, ...]:
-    table = []
-    for i in range(256):
-        r = i << 24
-        for _ in range(8):
-            r = ((r << 1) ^ 0x04C11DB7) if r & 0x80000000 else (r << 1)
-        table.append(r & 0xFFFFFFFF)
-    return tuple(table)
+_BITREV: Final = bytes(int(f"{i:08b}"[::-1], 2) for i in range(256))
 
 
-_CRC_TABLE: Final = _crc_table()
+def crc32_ogg(data: bytes | bytearray) -> int:
+    """Ogg's CRC32 (RFC 3533: polynomial 0x04C11DB7 unreflected, init 0, no final xor).
 
-
-def crc32_ogg(data: bytes) -> int:
-    """Ogg's CRC32: polynomial 0x04C11DB7, not reflected, initial value 0, no final xor."""
-    crc = 0
-    table = _CRC_TABLE
-    for byte in data:
-        crc = ((crc << 8) & 0xFFFFFFFF) ^ table[((crc >> 24) ^ byte) & 0xFF]
-    return crc
+    Computed by zlib's reflected CRC32 on bit-reversed input, then bit-reversed: the same value as
+    the textbook table loop, at C speed (the muxer and the playback assembler run it per page).
+    """
+    reflected = binascii.crc32(bytes(data).translate(_BITREV), 0xFFFFFFFF) ^ 0xFFFFFFFF
+    return int(f"{reflected:032b}"[::-1], 2)
 
 
 def build_page(*, flags: int, granule: int, serial: int, seqno: int, packets: list[bytes]) -> bytes:
