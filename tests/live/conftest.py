@@ -89,6 +89,9 @@ async def relay_factory(
             "PARLEY_RTC_REMOTE_ALLOW": "127.0.0.0/8",
             "PARLEY_RECONNECT_GRACE": "5",
             "PARLEY_DRAIN_TIMEOUT": "1",
+            # Test processes stall their loop now and then (app start-up, GC, the other core busy);
+            # the loop-lag admission has its own test with the production threshold.
+            "PARLEY_MAX_LOOP_LAG_MS": "2000",
             **env,
         }
         settings = Settings.from_env(values, dotenv=None)

@@ -16,8 +16,9 @@ from tests.fakes.rtc_client import speech_like
 from tests.live.conftest import Relay, offer, start_call
 
 
-async def test_blocked_event_loop_refuses_new_calls(relay: Relay) -> None:
+async def test_blocked_event_loop_refuses_new_calls(relay_factory: Callable[..., Awaitable[Relay]]) -> None:
     """After the loop stalls past the lag threshold, a new offer gets 503 capacity with Retry-After."""
+    relay = await relay_factory(PARLEY_MAX_LOOP_LAG_MS="150")
     learner = await signup(relay.client)
     body = await (
         await relay.client.post("/v1/sessions", json={"topic_id": "cafe-order"}, headers=learner.auth)
