@@ -9,9 +9,9 @@ from aiohttp import web
 from pydantic import Field
 
 from relay.api.body import Schema, read_json
-from relay.api.deps import current_principal
+from relay.api.deps import current_principal, owned_session
 from relay.api.views import iso, session_view
-from relay.errors import BadRequest, Conflict, NotFound, RateLimited
+from relay.errors import BadRequest, Conflict, RateLimited
 from relay.keys import DATABASE, LIMITS, TOKENS
 from relay.observability.logging import hash_id
 from relay.security.principals import Principal
@@ -76,9 +76,7 @@ async def create_session(request: web.Request) -> web.Response:
 async def mint_client_secret(request: web.Request) -> web.Response:
     principal = await current_principal(request)
     async with request.app[DATABASE].sessions() as s:
-        session = await sessions.get_owned_session(s, request.match_info["session_id"], principal.user_id)
-    if session is None:
-        raise NotFound(NOT_FOUND)
+        session = await owned_session(s, request.match_info["session_id"], principal.user_id)
     if session.status not in MINTABLE:
         raise Conflict("The session has ended.", code="session_ended")
     secret = await _mint_secret(request, principal, session.id)
@@ -116,8 +114,6 @@ async def list_sessions(request: web.Request) -> web.Response:
 async def get_session(request: web.Request) -> web.Response:
     principal = await current_principal(request)
     async with request.app[DATABASE].sessions() as s:
-        session = await sessions.get_owned_session(s, request.match_info["session_id"], principal.user_id)
-        if session is None:
-            raise NotFound(NOT_FOUND)
+        session = await owned_session(s, request.match_info["session_id"], principal.user_id)
         audio = await sessions.recordings(s, [session.id])
     return web.json_response(session_view(session, audio.get(session.id, ())))

@@ -14,7 +14,7 @@ from typing import Final
 from aiohttp import web
 
 from relay.api.body import read_body
-from relay.api.deps import current_principal
+from relay.api.deps import current_principal, owned_session
 from relay.api.views import session_view
 from relay.browser.sdp import InvalidOffer, validate_offer
 from relay.errors import Conflict, NotFound
@@ -145,8 +145,7 @@ async def _authorise_peer_control(request: web.Request, session_id: str) -> None
         pass
     principal = await current_principal(request)
     async with request.app[DATABASE].sessions() as s:
-        if await sessions.get_owned_session(s, session_id, principal.user_id) is None:
-            raise NotFound("No such session.")
+        await owned_session(s, session_id, principal.user_id)
 
 
 @routes.post("/v1/sessions/{session_id}/end")
@@ -156,9 +155,7 @@ async def end_session(request: web.Request) -> web.Response:
     session_id = request.match_info["session_id"]
     db = request.app[DATABASE]
     async with db.sessions() as s:
-        row = await sessions.get_owned_session(s, session_id, principal.user_id)
-    if row is None:
-        raise NotFound("No such session.")
+        row = await owned_session(s, session_id, principal.user_id)
     live = request.app[REGISTRY].get(session_id)
     if live is not None:
         await live.end("ended_by_user")
@@ -168,8 +165,6 @@ async def end_session(request: web.Request) -> web.Response:
                 s, session_id, SessionStatus.ENDED, user_hash=hash_id(principal.user_id), code="ended_by_user"
             )
     async with db.sessions() as s:
-        row = await sessions.get_owned_session(s, session_id, principal.user_id)
-        if row is None:
-            raise NotFound("No such session.")
+        row = await owned_session(s, session_id, principal.user_id)
         audio = await sessions.recordings(s, [row.id])
     return web.json_response(session_view(row, audio.get(row.id, ())))

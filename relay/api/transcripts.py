@@ -4,9 +4,9 @@ from __future__ import annotations
 
 from aiohttp import web
 
-from relay.api.deps import current_principal
+from relay.api.deps import current_principal, owned_session
 from relay.api.views import segment_view
-from relay.errors import BadRequest, NotFound
+from relay.errors import BadRequest
 from relay.keys import DATABASE
 from storage import sessions
 
@@ -42,9 +42,7 @@ async def transcript(request: web.Request) -> web.Response:
     if fmt not in ("json", "vtt"):
         raise BadRequest("format: must be json or vtt", code="invalid_request", field="format")
     async with request.app[DATABASE].sessions() as s:
-        session = await sessions.get_owned_session(s, request.match_info["session_id"], principal.user_id)
-        if session is None:
-            raise NotFound("No such session.")
+        session = await owned_session(s, request.match_info["session_id"], principal.user_id)
         rows = await sessions.transcript_segments(s, session.id)
     segments = [segment_view(row) for row in rows]
     if fmt == "vtt":
