@@ -3,6 +3,11 @@
 The session hands the recorder every learner frame, every coach frame and every transcript event,
 stamped on the session's timeline (integer ms since the session started). Audio calls are sync and
 cheap: they run on the media path and must never wait for storage.
+
+Audio comes in one of two shapes per track, fixed by the first call: Opus packets that already
+exist on the media path (the browser's packets as received, the coach's packets as sent), which
+are stored as they are, or PCM, which the recorder encodes. Passing packets through is what keeps
+recording cheap: encoding both tracks a second time cost a third of a relay process's CPU.
 """
 
 from __future__ import annotations
@@ -43,6 +48,12 @@ class SessionRecorder(Protocol):
 
     def coach_audio(self, pcm: bytes, *, sample_rate: int, at_ms: int) -> None:
         """Mono s16le coach audio as played to the browser; sync, never blocks."""
+
+    def learner_opus(self, packet: bytes, *, at_ms: int, input_rate: int = 48000) -> None:
+        """One Opus packet from the browser as received (its duration is in its TOC byte)."""
+
+    def coach_opus(self, packet: bytes, *, at_ms: int, input_rate: int = 24000) -> None:
+        """One Opus packet of coach audio exactly as sent to the browser."""
 
     def gap(self, speaker: Speaker, start_ms: int, end_ms: int, reason: str) -> None:
         """A stretch with no audio on a track (peer gone): recorded as a gap, never filled."""

@@ -5,7 +5,8 @@ Implements :class:`storage.ports.SessionRecorder`. Per track (learner, coach):
 * the sync audio calls only append to a bounded in-memory inbox (full inbox: the frame is dropped and
   declared as lost, never blocking the caller);
 * a pump task per recorder drains the inbox every ``drain_s`` in a small shared thread pool, where
-  the audio is encoded with libopus (PyAV) into ~``segment_ms`` segments, each written page by page
+  Opus packets are muxed as they are and PCM is encoded with libopus (PyAV), into ~``segment_ms``
+  segments, each written page by page
   (flush + fsync every ``page_ms``) to ``<spool>/<session>/<track>/<seq>.ogg.part``, renamed to
   ``.ogg`` when closed and handed to the :class:`~storage.uploader.Uploader`;
 * a jump of the caller's ``at_ms`` by more than ``DISCONTINUITY_MS`` starts a new segment at the new
@@ -41,7 +42,7 @@ from sqlalchemy.exc import IntegrityError
 from storage.db import Database
 from storage.models import AudioGap, AudioRecording, Session, SessionStatus, TranscriptSegment, utcnow
 from storage.objects import ObjectStore
-from storage.oggopus import OPUS_RATES, OggOpusWriter, truncate_to_last_page
+from storage.oggopus import OPUS_RATES, OggOpusWriter, opus_packet_samples48, truncate_to_last_page
 from storage.ports import Speaker, TranscriptEvent
 from storage.spool import CLOSED_MARKER, Spool, read_gaps, scan
 from storage.uploader import (
@@ -73,7 +74,7 @@ class _Segment:
     part: Path
     fh: BinaryIO
     writer: OggOpusWriter
-    codec: Any
+    codec: Any  # None for a track of Opus packets, which are muxed as they come
     frame_bytes: int
     fifo: bytearray = field(default_factory=bytearray)
     in_samples: int = 0
@@ -94,9 +95,11 @@ class _Interval:
 @dataclass(slots=True)
 class _Track:
     speaker: Speaker
-    rate: int = 0
-    inbox: deque[tuple[bytes, int]] = field(default_factory=deque)
-    inbox_bytes: int = 0
+    rate: int = 0  # the rate ``in_samples`` and the inbox count in: 48 kHz for Opus packets
+    opus: bool | None = None  # packets or PCM: fixed by the first call
+    input_rate: int = 0  # the original audio's rate, for the Ogg header and the manifest
+    inbox: deque[tuple[bytes, int, int]] = field(default_factory=deque)  # payload, at_ms, samples
+    inbox_samples: int = 0
     seg: _Segment | None = None
     next_seq: int = 0
     cont_ms: float | None = None
@@ -125,25 +128,48 @@ class SpoolRecorder:
 
     # -- audio (sync, on the media path) ----------------------------------------------------------
     def learner_audio(self, pcm: bytes, *, sample_rate: int, at_ms: int) -> None:
-        self._audio(self._tracks[Speaker.LEARNER], pcm, sample_rate, at_ms)
+        self._take(self._tracks[Speaker.LEARNER], pcm, at_ms, False, sample_rate, len(pcm) // 2, sample_rate)
 
     def coach_audio(self, pcm: bytes, *, sample_rate: int, at_ms: int) -> None:
-        self._audio(self._tracks[Speaker.COACH], pcm, sample_rate, at_ms)
+        self._take(self._tracks[Speaker.COACH], pcm, at_ms, False, sample_rate, len(pcm) // 2, sample_rate)
 
-    def _audio(self, t: _Track, pcm: bytes, sample_rate: int, at_ms: int) -> None:
-        if self._closing or not pcm or sample_rate <= 0:
+    def learner_opus(self, packet: bytes, *, at_ms: int, input_rate: int = 48000) -> None:
+        self._take(
+            self._tracks[Speaker.LEARNER],
+            packet,
+            at_ms,
+            True,
+            48000,
+            opus_packet_samples48(packet),
+            input_rate,
+        )
+
+    def coach_opus(self, packet: bytes, *, at_ms: int, input_rate: int = 24000) -> None:
+        self._take(
+            self._tracks[Speaker.COACH], packet, at_ms, True, 48000, opus_packet_samples48(packet), input_rate
+        )
+
+    def _take(
+        self, t: _Track, payload: bytes, at_ms: int, opus: bool, rate: int, samples: int, input_rate: int
+    ) -> None:
+        if self._closing or samples <= 0 or rate <= 0:
             return
         with self._lock:
-            if not t.rate:
-                t.rate = sample_rate
-            if sample_rate != t.rate:  # a track's rate is fixed: declare rather than mis-time
-                self._lost(t, at_ms, len(pcm) * 1000 / (2 * sample_rate), "rate_change")
+            if t.opus is None:
+                t.opus, t.rate, t.input_rate = opus, rate, input_rate
+            dur_ms = samples * 1000 / rate
+            # A track's shape and rate are fixed: declare the odd frame rather than mis-time it.
+            if opus != t.opus:
+                self._lost(t, at_ms, dur_ms, "format_change")
                 return
-            if t.inbox_bytes + len(pcm) > self._f.max_buffer_ms * t.rate * 2 // 1000:
-                self._lost(t, at_ms, len(pcm) * 1000 / (2 * sample_rate), "overflow")
+            if rate != t.rate or input_rate != t.input_rate:
+                self._lost(t, at_ms, dur_ms, "rate_change")
                 return
-            t.inbox.append((pcm, at_ms))
-            t.inbox_bytes += len(pcm)
+            if t.inbox_samples + samples > self._f.max_buffer_ms * t.rate // 1000:
+                self._lost(t, at_ms, dur_ms, "overflow")
+                return
+            t.inbox.append((payload, at_ms, samples))
+            t.inbox_samples += samples
 
     def gap(self, speaker: Speaker, start_ms: int, end_ms: int, reason: str) -> None:
         if end_ms <= start_ms:
@@ -171,7 +197,7 @@ class SpoolRecorder:
         t = self._tracks[speaker]
         with self._lock:
             done = t.seg.in_samples if t.seg else 0
-            return int((done + t.inbox_bytes // 2) * 1000 / t.rate) if t.rate else 0
+            return int((done + t.inbox_samples) * 1000 / t.rate) if t.rate else 0
 
     # -- the pump: drains the inbox in the worker pool ----------------------------------------------
     async def _pump(self) -> None:
@@ -198,10 +224,10 @@ class SpoolRecorder:
             with self._lock:
                 items = list(t.inbox)
                 t.inbox.clear()
-                t.inbox_bytes = 0
+                t.inbox_samples = 0
             try:
-                for pcm, at_ms in items:
-                    self._feed(t, pcm, at_ms, closed)
+                for payload, at_ms, samples in items:
+                    self._feed(t, payload, at_ms, samples, closed)
                 seg = t.seg
                 if seg is not None:
                     pending = seg.writer.pending_samples48
@@ -232,8 +258,8 @@ class SpoolRecorder:
         for record in todo:
             self._f.spool.append_gap(self.session_id, record)
 
-    def _feed(self, t: _Track, pcm: bytes, at_ms: int, closed: list[Path]) -> None:
-        dur_ms = len(pcm) * 1000 / (2 * t.rate)
+    def _feed(self, t: _Track, payload: bytes, at_ms: int, samples: int, closed: list[Path]) -> None:
+        dur_ms = samples * 1000 / t.rate
         if self._f.spool.used() >= self._f.max_spool_bytes:
             if t.seg is not None:
                 closed.append(self._close_segment(t))
@@ -253,13 +279,19 @@ class SpoolRecorder:
             cont = t.cont_ms
             start = round(cont) if cont is not None and abs(at_ms - cont) <= DISCONTINUITY_MS else at_ms
             seg = self._open_segment(t, start)
-        self._encode(t, seg, pcm)
+        if seg.codec is None:
+            seg.in_samples += samples
+            seg.writer.add_packet(payload)
+        else:
+            self._encode(t, seg, payload)
         t.had_audio = True
         if seg.in_samples * 1000 >= self._f.segment_ms * t.rate:
             t.cont_ms = seg.start_ms + seg.in_samples * 1000 / t.rate
             closed.append(self._close_segment(t))
 
     def _open_segment(self, t: _Track, start_ms: int) -> _Segment:
+        if t.opus:
+            return self._open_passthrough(t, start_ms)
         if not t.enc_rate:
             t.enc_rate = t.rate if t.rate in OPUS_RATES else 48000
             if t.enc_rate != t.rate:  # one resampler per track, kept across segments
@@ -273,18 +305,29 @@ class SpoolRecorder:
         codec.open()
         extradata = bytes(codec.extradata or b"")
         pre_skip = struct.unpack_from("<H", extradata, 10)[0] if len(extradata) >= 12 else 312
+        frame_bytes = 2 * int(codec.frame_size or t.enc_rate // 50)
+        return self._start_segment(t, start_ms, pre_skip, codec, frame_bytes)
+
+    def _open_passthrough(self, t: _Track, start_ms: int) -> _Segment:
+        # No pre-skip: the packets come from an encoder that was already running, so the decoder's
+        # output is on the timeline from the first sample (an encoder's own lookahead, at most
+        # 6.5 ms, stays a constant offset rather than being cut from every segment).
+        return self._start_segment(t, start_ms, 0, None, 0)
+
+    def _start_segment(
+        self, t: _Track, start_ms: int, pre_skip: int, codec: Any, frame_bytes: int
+    ) -> _Segment:
         seq = t.next_seq
         t.next_seq += 1
         part = self._f.spool.segment_path(self.session_id, t.speaker.value, seq, part=True)
         part.parent.mkdir(parents=True, exist_ok=True)
         fh = part.open("wb")
         writer = OggOpusWriter(
-            fh, serial=secrets.randbits(32), pre_skip=pre_skip, input_sample_rate=t.rate,
+            fh, serial=secrets.randbits(32), pre_skip=pre_skip, input_sample_rate=t.input_rate,
             comments={"PARLEY_SESSION": self.session_id, "PARLEY_TRACK": t.speaker.value,
                       "PARLEY_SEQ": str(seq), "PARLEY_START_MS": str(start_ms)},
         )  # fmt: skip
         self._f.spool.add(writer.bytes_written)
-        frame_bytes = 2 * int(codec.frame_size or t.enc_rate // 50)
         t.seg = _Segment(seq, start_ms, part, fh, writer, codec, frame_bytes)
         return t.seg
 
@@ -322,11 +365,14 @@ class SpoolRecorder:
         assert seg is not None
         t.seg = None
         try:
-            if seg.fifo:
-                self._encode_frame(seg, bytes(seg.fifo), t.enc_rate)
-                seg.fifo.clear()
-            self._encode_frame(seg, None, t.enc_rate)
-            self._f.spool.add(seg.writer.close(seg.enc_samples * 48000 // t.enc_rate))
+            if seg.codec is None:
+                self._f.spool.add(seg.writer.close())
+            else:
+                if seg.fifo:
+                    self._encode_frame(seg, bytes(seg.fifo), t.enc_rate)
+                    seg.fifo.clear()
+                self._encode_frame(seg, None, t.enc_rate)
+                self._f.spool.add(seg.writer.close(seg.enc_samples * 48000 // t.enc_rate))
         finally:
             seg.fh.close()
         done = seg.part.with_name(seg.part.name.removesuffix(".part"))
@@ -425,7 +471,7 @@ class SpoolRecorder:
                     status,
                     {
                         t.speaker.value: (
-                            t.rate or 24000,
+                            t.input_rate or 24000,
                             round(t.lost_ms),
                             [(i.start_ms, i.end_ms, i.reason) for i in t.intervals],
                         )

@@ -20,9 +20,10 @@ sequence (nothing is prefetched: one RTP packet is one Opus frame), holds packet
 for at most ``max_wait_s`` and then skips the hole, and returns *everything* that became ready in
 one :class:`BatchFrame`. The patched decoder (:class:`MonoOpusDecoder`) decodes every Opus packet
 of a batch, so a backlog is drained at once and latency falls back to baseline. It also decodes to
-mono (half the decoder output and resampler work) and stamps each ``AudioFrame.opaque`` with the
-monotonic arrival time of its RTP packet, which is how :mod:`relay.browser.mic` measures inbound
-latency.
+mono (half the decoder output and resampler work) and stamps each ``AudioFrame.opaque`` with a
+:class:`Received`: the monotonic arrival time of its RTP packet, which is how
+:mod:`relay.browser.mic` measures inbound latency, and the Opus packet itself, which the recorder
+stores as received instead of encoding the decoded audio again.
 """
 
 from __future__ import annotations
@@ -31,7 +32,7 @@ import fractions
 import threading
 import time
 from collections.abc import Callable
-from typing import Any
+from typing import Any, NamedTuple
 
 import aiortc.rtcrtpreceiver
 import av
@@ -41,6 +42,7 @@ __all__ = [
     "BatchFrame",
     "LowLatencyJitterBuffer",
     "MonoOpusDecoder",
+    "Received",
     "install_low_latency_jitter_buffer",
     "install_mono_decoder",
     "restore_decoder",
@@ -53,6 +55,13 @@ _KIND_ATTR = "_RTCRtpReceiver__kind"
 _MAX_MISORDER = 100
 _OPUS_CLOCK = 48000
 _TIME_BASE = fractions.Fraction(1, _OPUS_CLOCK)
+
+
+class Received(NamedTuple):
+    """What a decoded frame came from (``AudioFrame.opaque``)."""
+
+    arrived_at: float | None  # monotonic arrival of the RTP packet, when the jitter buffer knew it
+    packet: bytes  # the Opus packet exactly as the browser sent it
 
 
 class BatchFrame(JitterFrame):
@@ -191,7 +200,8 @@ class MonoOpusDecoder:
 
     Runs on aiortc's ``audio-decoder`` thread. Output: 48 kHz mono s16 ``AudioFrame`` objects
     (FFmpeg's libopus decoder ignores a 24 kHz request, AIORTC.md B), ``pts`` in 1/48000,
-    ``opaque`` = monotonic arrival time of the packet when the jitter buffer recorded one.
+    ``opaque`` = :class:`Received` (the packet's arrival time when the jitter buffer recorded one,
+    and the packet).
     A frame that fails to decode is skipped and counted in :attr:`errors` rather than losing the
     rest of its batch.
     """
@@ -222,7 +232,7 @@ class MonoOpusDecoder:
             MonoOpusDecoder.errors += 1
             return []
         for frame in frames:
-            frame.opaque = arrived_at
+            frame.opaque = Received(arrived_at, data)
         return frames
 
 

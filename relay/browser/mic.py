@@ -18,6 +18,8 @@ from typing import Any
 import av
 from aiortc.mediastreams import MediaStreamError, MediaStreamTrack
 
+from relay.browser.jitter import Received
+
 __all__ = ["MIC_RATE", "MicChunk", "MicStats", "mic_chunks"]
 
 MIC_RATE = 24000
@@ -38,13 +40,16 @@ class MicChunk:
     ``start_ms`` is on the session timeline (ms since ``clock_origin``), following the sender's
     RTP clock so consecutive chunks abut and a lost packet leaves a gap. ``duration_ms`` is the
     audio's length. ``arrived_at`` is the monotonic time the RTP packet of the chunk's first frame
-    reached the relay (``time.monotonic()`` when no arrival stamp was available).
+    reached the relay (``time.monotonic()`` when no arrival stamp was available). ``packets`` are
+    the Opus packets the chunk was decoded from, each with its own start on the session timeline,
+    when the decoder passed them on (:class:`~relay.browser.jitter.Received`); empty otherwise.
     """
 
     pcm: bytes
     start_ms: int
     duration_ms: int
     arrived_at: float
+    packets: tuple[tuple[int, bytes], ...] = ()
 
 
 @dataclass(slots=True)
@@ -151,12 +156,23 @@ class _Assembler:
         self._samples = 0
         self._start_ms = 0
         self._arrived_at = 0.0
+        self._packets: list[tuple[int, bytes]] = []
 
     def push(self, frame: Any) -> list[MicChunk]:
         self._stats.frames += 1
-        arrived = frame.opaque if isinstance(frame.opaque, float) else time.monotonic()
+        opaque = frame.opaque
+        packet: bytes | None = None
+        arrived: float | None = None
+        if isinstance(opaque, Received):
+            arrived, packet = opaque
+        elif isinstance(opaque, float):
+            arrived = opaque
+        if arrived is None:
+            arrived = time.monotonic()
         out: list[MicChunk] = []
         position_ms = self._position_ms(frame, arrived, out)
+        if packet is not None:
+            self._packets.append((position_ms, packet))
         for resampled in self._resampler.resample(frame):
             nbytes = resampled.samples * 2
             if not nbytes:
@@ -173,7 +189,7 @@ class _Assembler:
 
     def flush(self) -> MicChunk | None:
         out: list[MicChunk] = []
-        if self._parts:
+        if self._parts or self._packets:
             self._emit(out)
         return out[0] if out else None
 
@@ -201,8 +217,9 @@ class _Assembler:
     def _emit(self, out: list[MicChunk]) -> None:
         pcm = self._parts[0] if len(self._parts) == 1 else b"".join(self._parts)
         duration_ms = len(pcm) // _BYTES_PER_MS
-        out.append(MicChunk(pcm, self._start_ms, duration_ms, self._arrived_at))
+        out.append(MicChunk(pcm, self._start_ms, duration_ms, self._arrived_at, tuple(self._packets)))
         self._stats.chunks += 1
         self._end_ms = self._start_ms + duration_ms
         self._parts = []
+        self._packets = []
         self._samples = 0

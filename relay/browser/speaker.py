@@ -152,8 +152,9 @@ class SpeakerTrack(MediaStreamTrack):
 
     Hooks, all called on the event loop from inside ``recv()``, must be cheap and must not raise
     (an exception is logged and counted, never propagated into aiortc's sender):
-    ``on_frame(pcm, session_ms)`` for every non-silent 20 ms frame sent (``pcm`` is 960 bytes,
-    zero-padded at an item's end; ``session_ms`` is the slot's time since ``clock_origin``);
+    ``on_frame(packet, session_ms)`` for every non-silent 20 ms frame sent (``packet`` is its Opus
+    packet exactly as sent, so the recorder stores the coach's voice without encoding it again;
+    ``session_ms`` is the slot's time since ``clock_origin``);
     ``on_item_started(item_id)`` when an item's first frame is sent; ``on_item_done(item_id)`` when
     an item is done as defined above (not for items cut by :meth:`clear`).
 
@@ -323,7 +324,7 @@ class SpeakerTrack(MediaStreamTrack):
             encoded = self._encode(pcm)
             packet = encoded if encoded is not None else av.Packet(self._silence)
             if self.on_frame is not None:
-                self._call(self.on_frame, pcm, round((due - self.clock_origin) * 1000))
+                self._call(self.on_frame, bytes(packet), round((due - self.clock_origin) * 1000))
         packet.pts = self._slot * _PTS_PER_FRAME
         packet.time_base = _RTP_TIME_BASE
         self._account(due)

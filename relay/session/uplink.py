@@ -1,5 +1,8 @@
 """Browser mic -> model: learner audio goes upstream and to the recorder as it arrives.
 
+The recorder gets the browser's Opus packets as they were received (decoding happens once, for
+the model); PCM only when a decoder did not pass its packets on.
+
 Nothing here awaits the network: ``ModelLink.push_audio`` only enqueues. The upstream's audio
 clock (the ``audio_start_ms``/``audio_end_ms`` of VAD events) counts only the audio the current
 upstream connection received, so :class:`UpstreamClock` maps it back to the session timeline.
@@ -77,7 +80,13 @@ def _forward(
     clock: UpstreamClock,
     on_latency: Callable[[float], None],
 ) -> None:
-    recorder.learner_audio(chunk.pcm, sample_rate=MIC_RATE, at_ms=chunk.start_ms)
+    if chunk.packets:  # the browser's own packets: stored as received, nothing to encode
+        for at_ms, packet in chunk.packets:
+            recorder.learner_opus(packet, at_ms=at_ms)
+    elif chunk.pcm:
+        recorder.learner_audio(chunk.pcm, sample_rate=MIC_RATE, at_ms=chunk.start_ms)
+    if not chunk.pcm:
+        return
     if link.connected:
         link.push_audio(chunk.pcm)
         clock.pushed(chunk.start_ms, chunk.duration_ms)

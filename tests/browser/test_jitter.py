@@ -212,14 +212,15 @@ def test_mono_decoder_decodes_every_frame_of_a_batch() -> None:
     frames = MonoOpusDecoder().decode(batch)
     assert [(f.samples, f.layout.name, f.sample_rate) for f in frames] == [(960, "mono", 48000)] * 3
     assert [f.pts for f in frames] == [1000, 1960, 2920]
-    assert [f.opaque for f in frames] == [5.0, 5.02, 5.04]
+    assert [f.opaque.arrived_at for f in frames] == [5.0, 5.02, 5.04]
+    assert [f.opaque.packet for f in frames] == data  # the packets as received, for the recorder
 
 
 def test_mono_decoder_accepts_stock_frames_and_skips_garbage() -> None:
     """aiortc's own JitterFrame decodes (no arrival stamp); an undecodable frame is skipped and counted."""
     decoder = MonoOpusDecoder()
     (frame,) = decoder.decode(JitterFrame(opus_packets(1)[0], 0))
-    assert frame.opaque is None and frame.layout.name == "mono"
+    assert frame.opaque.arrived_at is None and frame.layout.name == "mono"
     errors = MonoOpusDecoder.errors
     assert decoder.decode(JitterFrame(b"\xff" * 3, 960)) == []
     assert MonoOpusDecoder.errors == errors + 1

@@ -13,6 +13,7 @@ from aiortc.mediastreams import MediaStreamError
 
 import relay.browser.speaker as speaker_module
 from relay.browser.speaker import FRAME_BYTES, SpeakerTrack
+from storage.oggopus import opus_packet_samples48
 from tests.fakes.rtc_client import rms, tone
 
 TB = fractions.Fraction(1, 48000)
@@ -148,21 +149,23 @@ async def test_late_audio_of_a_cleared_item_is_ignored(clock: VirtualClock) -> N
 
 
 async def test_item_hooks_and_on_frame(clock: VirtualClock) -> None:
-    """on_item_started/on_item_done bracket each item; on_frame sees every voiced frame with its slot time."""
+    """Item hooks bracket each item; on_frame gets each voiced frame's sent packet and slot time."""
     log: list[tuple[str, Any]] = []
-    frames: list[tuple[int, int]] = []
+    frames: list[tuple[bytes, int]] = []
     track = SpeakerTrack(
         clock_origin=clock.now - 1.0,
         on_item_started=lambda i: log.append(("started", i)),
         on_item_done=lambda i: log.append(("done", i)),
-        on_frame=lambda pcm, ms: frames.append((len(pcm), ms)),
+        on_frame=lambda packet, ms: frames.append((packet, ms)),
     )
     track.feed(pcm_ms(40), item_id="a")
     track.feed(pcm_ms(20), item_id="b")
     track.finish("b")
-    await run(track, 5)
+    sent = [bytes(p) for p in await run(track, 5)]
     assert log == [("started", "a"), ("done", "a"), ("started", "b"), ("done", "b")]
-    assert frames == [(960, 1000), (960, 1020), (960, 1040)]
+    assert [ms for _, ms in frames] == [1000, 1020, 1040]
+    assert [p for p, _ in frames] == sent[:3]  # exactly the packets that went to the browser
+    assert all(opus_packet_samples48(p) == 960 for p, _ in frames)
 
 
 async def test_item_without_finish_is_done_after_idle_time(clock: VirtualClock) -> None:

@@ -7,6 +7,7 @@ import hashlib
 import math
 import secrets
 from pathlib import Path
+from typing import Any
 
 import av
 from sqlalchemy import select
@@ -169,5 +170,64 @@ async def test_transcripts_insert_update_and_replay_in_order(database: Database,
         assert list(await rec.history()) == [(Speaker.LEARNER, "hello"), (Speaker.COACH, "hi there")]
     finally:
         await rec.aclose()
+        await factory.aclose()
+        await store.aclose()
+
+
+def opus_packets(ms: int, rate: int = 48000) -> list[bytes]:
+    """20 ms Opus packets of a tone, as a browser (48 kHz) or the speaker (24 kHz) would send them."""
+    encoder: Any = av.CodecContext.create("libopus", "w")
+    encoder.sample_rate, encoder.layout, encoder.format, encoder.bit_rate = rate, "mono", "s16", 32000
+    encoder.open()
+    pcm = tone(ms, rate)
+    step = rate // 50 * 2
+    packets: list[bytes] = []
+    for i in range(0, len(pcm) - step + 1, step):
+        frame = av.AudioFrame(format="s16", layout="mono", samples=step // 2)
+        frame.sample_rate = rate
+        frame.pts = i // 2
+        frame.planes[0].update(pcm[i : i + step])
+        packets += [bytes(p) for p in encoder.encode(frame)]
+    return packets
+
+
+async def test_opus_packets_are_stored_as_they_came_without_encoding(
+    database: Database, tmp_path: Path
+) -> None:
+    """Packets pass through byte for byte: durations, start offsets and the header rate are exact."""
+    from storage.objects import LocalObjectStore
+    from storage.oggopus import parse_pages, read_segment_info
+
+    store = LocalObjectStore(tmp_path / "objects")
+    await store.setup()
+    sid = await new_session(database)
+    factory = SpoolRecorderFactory(database, store, tmp_path / "spool", segment_ms=2000)
+    factory.max_buffer_ms = 60_000
+    rec = factory.open(sid)
+    learner = opus_packets(5000)
+    coach = opus_packets(3000, rate=24000)
+    for i, packet in enumerate(learner):
+        rec.learner_opus(packet, at_ms=i * FRAME_MS)
+    for i, packet in enumerate(coach):  # two answers with a pause between them
+        rec.coach_opus(packet, at_ms=i * FRAME_MS + (4000 if i >= 75 else 0))
+    rec.learner_audio(ONE_SECOND[:960], sample_rate=RATE, at_ms=5000)  # a PCM frame on a packet track
+    await rec.aclose()
+    try:
+        recording, chunks = await manifest(database, sid, "learner")
+        assert recording.sample_rate == 48000 and recording.status == "complete"
+        assert [c.start_ms for c in chunks] == [0, 2000, 4000]
+        assert sum(c.duration_ms for c in chunks) == 5000
+        stored: list[bytes] = []
+        for chunk in chunks:
+            data = await store.read(chunk.object_key)
+            assert read_segment_info(data).pre_skip == 0
+            for page in parse_pages(data)[2:]:
+                stored += page.packets
+        assert stored == learner  # not a single packet re-encoded
+        assert recording.lost_ms == 20  # the stray PCM frame is declared, never mixed in
+        coach_rec, coach_chunks = await manifest(database, sid, "coach")
+        assert coach_rec.sample_rate == 24000
+        assert [(c.start_ms, c.duration_ms) for c in coach_chunks] == [(0, 1500), (5500, 1500)]
+    finally:
         await factory.aclose()
         await store.aclose()
