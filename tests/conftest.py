@@ -69,9 +69,15 @@ async def client(migrated_settings: Settings, aiohttp_client: AiohttpClient) -> 
 async def _no_leaked_tasks() -> AsyncIterator[None]:
     """Fail an async test that leaves tasks running on its event loop after its fixtures closed."""
     yield
-    await asyncio.sleep(0)  # let tasks that were cancelled during teardown finish
     current = asyncio.current_task()
-    leaked = [t for t in asyncio.all_tasks() if t is not current and not t.done()]
+    # Tasks cancelled during teardown need a few loop turns to unwind (aioice's consent check sits
+    # in a wait_for that takes two); a task that is still running after a second has leaked.
+    deadline = asyncio.get_running_loop().time() + 1.0
+    while True:
+        await asyncio.sleep(0.01)
+        leaked = [t for t in asyncio.all_tasks() if t is not current and not t.done()]
+        if not leaked or asyncio.get_running_loop().time() >= deadline:
+            break
     assert not leaked, f"leaked tasks: {sorted(t.get_name() for t in leaked)}"
 
 

@@ -17,6 +17,7 @@ from aiortc.rtcicetransport import parse_stun_turn_uri
 
 __all__ = [
     "IPNetwork",
+    "install_consent_guard",
     "parse_networks",
     "restore_host_addresses",
     "restrict_host_addresses",
@@ -101,3 +102,24 @@ def parse_networks(value: str) -> list[IPNetwork]:
     network raises ``ValueError`` (host bits set included, so a typo cannot widen the set).
     """
     return [ipaddress.ip_network(item.strip()) for item in value.split(",") if item.strip()]
+
+
+# aioice 0.13 races close() against connect(): when the check list completed just before close(),
+# connect() resumes afterwards and starts the consent-freshness task on a closed connection. That
+# task never ends (it has no nominated pairs left, so it never counts a failure) and keeps the loop
+# waking every five seconds for the life of the process: one leak per peer closed while connecting.
+_ORIGINAL_CONNECT: Callable[..., Any] = aioice.ice.Connection.connect
+
+
+async def _connect_then_check_closed(self: Any) -> None:
+    await _ORIGINAL_CONNECT(self)
+    if getattr(self, "_closing", False):
+        task = getattr(self, "_query_consent_task", None)
+        if task is not None and not task.done():
+            task.cancel()
+        self._query_consent_task = None
+
+
+def install_consent_guard() -> None:
+    """Cancel the consent task aioice starts on a connection closed mid-connect (process-wide, idempotent)."""
+    _ICE_MODULE.Connection.connect = _connect_then_check_closed

@@ -2,12 +2,15 @@
 
 from __future__ import annotations
 
+import asyncio
 import ipaddress
 
 import aioice.ice
 import pytest
 
+import relay.browser.ice
 from relay.browser.ice import (
+    install_consent_guard,
     parse_networks,
     restore_host_addresses,
     restrict_host_addresses,
@@ -105,3 +108,54 @@ def test_parse_networks() -> None:
     for bad in ("10.0.0.1/8", "nonsense", "300.1.1.1"):
         with pytest.raises(ValueError):
             parse_networks(bad)
+
+
+async def _close_as_checks_complete(loopback_ice: None) -> aioice.ice.Connection:
+    """Two real aioice connections; one is closed after its checks completed but before connect() resumed."""
+    a = aioice.ice.Connection(ice_controlling=True)
+    b = aioice.ice.Connection(ice_controlling=False)
+    for conn in (a, b):
+        await conn.gather_candidates()
+    for conn, other in ((a, b), (b, a)):
+        for candidate in other.local_candidates:
+            await conn.add_remote_candidate(candidate)
+        await conn.add_remote_candidate(None)
+        conn.remote_username, conn.remote_password = other.local_username, other.local_password
+    connects = [asyncio.create_task(conn.connect()) for conn in (a, b)]
+    async with asyncio.timeout(10):
+        while a._check_list_state.empty() and not connects[0].done():
+            await asyncio.sleep(0)
+    await a.close()
+    await asyncio.gather(*connects, return_exceptions=True)
+    await b.close()
+    return a
+
+
+async def test_consent_guard_stops_the_consent_task_of_a_connection_closed_while_connecting(
+    loopback_ice: None,
+) -> None:
+    """aioice starts consent checks on a connection closed mid-connect; the guard cancels that task."""
+    original = aioice.ice.Connection.connect
+    try:
+        install_consent_guard()
+        install_consent_guard()  # idempotent: wraps once
+        a = await _close_as_checks_complete(loopback_ice)
+        await asyncio.sleep(0)
+        assert a._query_consent_task is None
+        assert not [t for t in asyncio.all_tasks() if "query_consent" in repr(t.get_coro()) and not t.done()]
+    finally:
+        aioice.ice.Connection.connect = original  # type: ignore[method-assign]
+
+
+async def test_without_the_guard_aioice_leaks_the_consent_task(loopback_ice: None) -> None:
+    """The race the guard exists for is real: unguarded, the closed connection keeps a consent task."""
+    original = aioice.ice.Connection.connect
+    aioice.ice.Connection.connect = relay.browser.ice._ORIGINAL_CONNECT  # type: ignore[method-assign]
+    try:
+        a = await _close_as_checks_complete(loopback_ice)
+        task = a._query_consent_task
+        assert task is not None and not task.done()
+        task.cancel()
+        await asyncio.gather(task, return_exceptions=True)
+    finally:
+        aioice.ice.Connection.connect = original  # type: ignore[method-assign]
