@@ -17,7 +17,17 @@ from typing import Final
 from aiohttp import web
 from aiohttp.typedefs import Handler
 
-from relay.api import auth, ops, recordings, sessions, signaling, topics, transcripts
+from relay.api import (
+    auth,
+    exports,
+    ops,
+    publication,
+    recordings,
+    sessions,
+    signaling,
+    topics,
+    transcripts,
+)
 from relay.api.problems import problem_middleware
 from relay.browser.ice import restrict_host_addresses
 from relay.config import ConfigError, Settings
@@ -85,7 +95,7 @@ def build_app(settings: Settings, *, passwords: PasswordHasher | None = None) ->
     app.cleanup_ctx.append(_authenticator)
     app.cleanup_ctx.append(_upstream)
     app.cleanup_ctx.append(_live_sessions)
-    for module in (ops, auth, topics, sessions, signaling, transcripts, recordings):
+    for module in (ops, auth, topics, sessions, signaling, transcripts, recordings, publication, exports):
         app.add_routes(module.routes)
     if (WEB_DIR / "index.html").is_file():
         app.router.add_get("/", _index)

@@ -111,6 +111,7 @@ async def redeem_client_secret(s: AsyncSession, *, jti: str, session_id: str) ->
         .where(
             ClientSecret.jti == jti,
             ClientSecret.session_id == session_id,
+            ClientSecret.scope == "webrtc",  # the table also holds publication confirmations
             ClientSecret.used_at.is_(None),
             ClientSecret.expires_at > now,
         )
@@ -121,7 +122,9 @@ async def redeem_client_secret(s: AsyncSession, *, jti: str, session_id: str) ->
         return Redemption.OK
     row = (
         await s.execute(
-            select(ClientSecret).where(ClientSecret.jti == jti, ClientSecret.session_id == session_id)
+            select(ClientSecret).where(
+                ClientSecret.jti == jti, ClientSecret.session_id == session_id, ClientSecret.scope == "webrtc"
+            )
         )
     ).scalar_one_or_none()
     if row is None:

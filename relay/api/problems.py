@@ -15,7 +15,7 @@ from aiohttp.typedefs import Handler
 
 from relay import errors
 
-__all__ = ["problem", "problem_middleware"]
+__all__ = ["abort_started_response", "problem", "problem_middleware"]
 
 log = logging.getLogger("relay.api")
 
@@ -69,6 +69,18 @@ def problem(
         **extra,
     }
     return web.Response(status=status, text=json.dumps(body), content_type=PROBLEM_TYPE, headers=headers)
+
+
+def abort_started_response(request: web.Request) -> None:
+    """Cut the connection of a response whose headers (and maybe part of its body) were sent.
+
+    From then on an error cannot become a problem+json answer: one returned now would be written
+    into the middle of the body. Aborting makes the client see an incomplete body (a transfer error),
+    never a corrupt or a silently shortened one.
+    """
+    transport = request.transport
+    if transport is not None:
+        transport.abort()
 
 
 def _status_for(exc: errors.RelayError) -> int:

@@ -9,14 +9,14 @@ from typing import Final
 from aiohttp import web
 
 from relay.api.deps import current_principal
-from relay.api.problems import problem
+from relay.api.problems import abort_started_response, problem
 from relay.errors import NotFound, StorageError
 from relay.keys import DATABASE, OBJECTS
 from storage import sessions
 from storage.assembly import AssembledTrack, assembled_track
 from storage.objects import ObjectStoreError
 
-__all__ = ["routes"]
+__all__ = ["TRACKS", "parse_range", "routes", "serve_track"]
 
 log = logging.getLogger("relay.api.recordings")
 routes = web.RouteTableDef()
@@ -65,6 +65,16 @@ async def get_audio(request: web.Request) -> web.StreamResponse:
         session = await sessions.get_owned_session(s, session_id, principal.user_id)
     if session is None or track not in TRACKS:
         raise NotFound(NOT_FOUND)
+    return await serve_track(request, session_id, track, cache_control="private, no-cache")
+
+
+async def serve_track(
+    request: web.Request, session_id: str, track: str, *, cache_control: str
+) -> web.StreamResponse:
+    """Answer with one track of a session the caller may hear: the whole stream or a ``Range`` of it.
+
+    Also serves the public copy of a published session (``relay.api.publication``).
+    """
     try:
         audio = await assembled_track(request.app[DATABASE], request.app[OBJECTS], session_id, track)
     except ObjectStoreError as exc:
@@ -80,18 +90,22 @@ async def get_audio(request: web.Request) -> web.StreamResponse:
             f"The audio is {audio.length} bytes long.",
             headers={"Content-Range": f"bytes */{audio.length}"},
         )
-    return await _stream(request, audio, wanted)
+    return await _stream(request, session_id, audio, wanted, cache_control)
 
 
 async def _stream(
-    request: web.Request, audio: AssembledTrack, wanted: tuple[int, int] | None
+    request: web.Request,
+    session_id: str,
+    audio: AssembledTrack,
+    wanted: tuple[int, int] | None,
+    cache_control: str,
 ) -> web.StreamResponse:
     start, end = wanted if wanted is not None else (0, audio.length - 1)
     response = web.StreamResponse(status=200 if wanted is None else 206)
     response.content_type = audio.content_type
     response.content_length = end - start + 1
     response.headers["Accept-Ranges"] = "bytes"
-    response.headers["Cache-Control"] = "private, no-cache"
+    response.headers["Cache-Control"] = cache_control
     if wanted is not None:
         response.headers["Content-Range"] = f"bytes {start}-{end}/{audio.length}"
     chunks = audio.read(start, end)
@@ -107,7 +121,8 @@ async def _stream(
         async for chunk in chunks:
             await response.write(chunk)
     except ObjectStoreError:
-        log.warning("audio.stream_failed", extra={"session_id": request.match_info["session_id"]})
-        raise
+        log.warning("audio.stream_failed", extra={"session_id": session_id})
+        abort_started_response(request)
+        return response
     await response.write_eof()
     return response

@@ -6,9 +6,19 @@ from collections.abc import Sequence
 from datetime import datetime
 from typing import Any
 
-from storage.models import AudioRecording, Session, Topic, TranscriptSegment, User
+from storage.models import AudioRecording, Rating, Session, Topic, TranscriptSegment, User
 
-__all__ = ["iso", "segment_view", "session_view", "topic_view", "user_view"]
+__all__ = [
+    "iso",
+    "public_segment_view",
+    "public_session_view",
+    "rating_view",
+    "segment_view",
+    "session_view",
+    "topic_summary",
+    "topic_view",
+    "user_view",
+]
 
 
 def iso(when: datetime | None) -> str | None:
@@ -66,3 +76,37 @@ def session_view(session: Session, recordings: Sequence[AudioRecording] = ()) ->
         ],
         "rating": None,
     }
+
+
+def rating_view(rating: Rating) -> dict[str, Any]:
+    """API.md's Rating."""
+    return {
+        "status": rating.status,
+        "scores": dict(rating.scores),
+        "metrics": dict(rating.metrics),
+        "feedback": rating.feedback,
+        "model": rating.model,
+    }
+
+
+def topic_summary(topic: Topic) -> dict[str, Any]:
+    """What a public page says about the topic: no coaching instructions, no admin fields."""
+    return {"id": topic.id, "title": topic.title, "difficulty": topic.difficulty}
+
+
+def public_session_view(
+    session: Session, slug: str, recordings: Sequence[AudioRecording] = ()
+) -> dict[str, Any]:
+    """The Session shape for anyone holding the public link: nothing that identifies the owner.
+
+    ``id`` is the public slug, not the session id; the times of day the learner practised are left
+    out (``null``), the duration stays; ``rating`` is ``null`` (the public sees transcript and audio).
+    """
+    view = session_view(session, recordings)
+    view.update(id=slug, visibility="public", created_at=None, started_at=None, ended_at=None, rating=None)
+    return view
+
+
+def public_segment_view(row: TranscriptSegment, position: int) -> dict[str, Any]:
+    """A Segment whose ``id`` is its position in the public transcript, not the stored row's id."""
+    return {**segment_view(row), "id": str(position)}

@@ -1,5 +1,8 @@
 """Parley's own tokens (HS256 JWTs), the strict JWS gate shared with OIDC, and API-key helpers.
 
+Parley mints three kinds of token, each with its own ``aud`` and ``typ`` so that none can stand in
+for another: access tokens, WebRTC client secrets, and publication confirmations.
+
 This is the only module in Parley that imports python-jose. python-jose has a history of
 algorithm-confusion and resource-exhaustion bugs, so no token reaches it before :func:`parse_compact`
 has checked it: at most 8 KiB; exactly three canonical base64url segments (a JWE has five); a
@@ -51,9 +54,12 @@ __all__ = [
     "LEEWAY_S",
     "MAX_CLIENT_SECRET_TTL_S",
     "MAX_TOKEN_BYTES",
+    "PUBLICATION_CONFIRMATION_TTL_S",
+    "PUBLICATION_SCOPE",
     "AccessClaims",
     "ClientSecretClaims",
     "ClientSecretError",
+    "ConfirmationClaims",
     "ParsedJws",
     "PublicJwk",
     "TokenError",
@@ -80,6 +86,13 @@ ACCESS_TYP: Final = "access"
 CLIENT_SECRET_AUDIENCE: Final = "parley-webrtc"  # noqa: S105 (an audience name, not a secret)
 CLIENT_SECRET_TYP: Final = "client_secret"  # noqa: S105
 CLIENT_SECRET_SCOPE: Final = "webrtc"  # noqa: S105
+
+PUBLICATION_AUDIENCE: Final = "parley-publication"
+PUBLICATION_TYP: Final = "publication_confirmation"
+PUBLICATION_SCOPE: Final = "publication"
+#: Lifetime of a publication confirmation token. A module constant for now (no setting yet): long
+#: enough to read a confirmation dialog, short enough that a forgotten token is soon worthless.
+PUBLICATION_CONFIRMATION_TTL_S: Final = 300
 
 CLIENT_SECRET_INVALID: Final = "client_secret_invalid"  # noqa: S105 (API error codes)
 CLIENT_SECRET_EXPIRED: Final = "client_secret_expired"  # noqa: S105
@@ -149,6 +162,16 @@ class ClientSecretClaims:
     session_id: str
     jti: str
     scope: str
+    expires_at: datetime
+
+
+@dataclass(frozen=True, slots=True)
+class ConfirmationClaims:
+    """A publication confirmation: who asked to publish which session, until when."""
+
+    user_id: str
+    session_id: str
+    jti: str
     expires_at: datetime
 
 
@@ -438,7 +461,7 @@ def _string_claim(claims: Mapping[str, Any], name: str, *, max_chars: int = _MAX
 
 
 class TokenService:
-    """Mints and verifies Parley's access tokens and WebRTC client secrets (HS256)."""
+    """Mints and verifies Parley's access tokens, WebRTC client secrets and publication confirmations."""
 
     def __init__(
         self,
@@ -447,6 +470,7 @@ class TokenService:
         issuer: str = "parley",
         access_ttl_s: int = 3600,
         client_secret_ttl_s: int = 60,
+        publication_ttl_s: int = PUBLICATION_CONFIRMATION_TTL_S,
         clock: Callable[[], float] = time.time,
     ) -> None:
         if not signing_key.reveal():
@@ -457,9 +481,12 @@ class TokenService:
             raise ValueError("access_ttl_s must be at least 1")
         if not 1 <= client_secret_ttl_s <= MAX_CLIENT_SECRET_TTL_S:
             raise ValueError(f"client_secret_ttl_s must be between 1 and {MAX_CLIENT_SECRET_TTL_S}")
+        if not 1 <= publication_ttl_s <= MAX_CLIENT_SECRET_TTL_S:
+            raise ValueError(f"publication_ttl_s must be between 1 and {MAX_CLIENT_SECRET_TTL_S}")
         self.issuer = issuer
         self.access_ttl_s = access_ttl_s
         self.client_secret_ttl_s = client_secret_ttl_s
+        self.publication_ttl_s = publication_ttl_s
         self._clock = clock
         self._key = CryptographyHMACKey(_derive_signing_key(signing_key), PARLEY_ALGORITHM)
 
@@ -509,6 +536,31 @@ class TokenService:
                 "typ": CLIENT_SECRET_TYP,
                 "sid": session_id,
                 "scope": CLIENT_SECRET_SCOPE,
+            }
+        )
+        return token, claims
+
+    def mint_publication_confirmation(self, user_id: str, session_id: str) -> tuple[str, ConfirmationClaims]:
+        """A token confirming that ``user_id`` wants ``session_id`` public, valid ``publication_ttl_s``.
+
+        Signature and claims only: the caller stores the ``jti`` and enforces single use against it.
+        """
+        if not user_id or not session_id:
+            raise ValueError("user_id and session_id must not be empty")
+        iat = int(self._clock())
+        exp = iat + self.publication_ttl_s
+        claims = ConfirmationClaims(user_id, session_id, _new_jti(), _when(exp))
+        token = self._mint(
+            {
+                "iss": self.issuer,
+                "aud": PUBLICATION_AUDIENCE,
+                "sub": user_id,
+                "iat": iat,
+                "exp": exp,
+                "jti": claims.jti,
+                "typ": PUBLICATION_TYP,
+                "sid": session_id,
+                "scope": PUBLICATION_SCOPE,
             }
         )
         return token, claims
@@ -565,6 +617,27 @@ class TokenService:
             code = CLIENT_SECRET_EXPIRED if exc.reason == "exp" else CLIENT_SECRET_INVALID
             raise ClientSecretError(exc.reason, code=code) from None
         return ClientSecretClaims(claims["sub"], sid, claims["jti"], CLIENT_SECRET_SCOPE, _when(exp))
+
+    def verify_publication_confirmation(
+        self, token: str, *, user_id: str, session_id: str
+    ) -> ConfirmationClaims:
+        """The claims of a confirmation minted for this user and session; :class:`TokenError` otherwise.
+
+        A lapsed token fails with ``reason == "exp"``. Single use is the caller's to enforce.
+        """
+        try:
+            claims = self._verified_claims(token, typ=PUBLICATION_TYP, audience=PUBLICATION_AUDIENCE)
+            for name, expected in (("sub", user_id), ("sid", session_id)):
+                value = _string_claim(claims, name)
+                if not expected or not hmac.compare_digest(value.encode(), expected.encode()):
+                    raise TokenError(name)
+            if claims.get("scope") != PUBLICATION_SCOPE:
+                raise TokenError("scope")
+            _, exp = check_times(claims, self._clock(), require_iat=True)
+        except TokenError as exc:
+            _log_rejection("publication", exc.reason)
+            raise
+        return ConfirmationClaims(user_id, session_id, claims["jti"], _when(exp))
 
 
 def _new_jti() -> str:
