@@ -8,6 +8,7 @@ a :class:`~relay.config.ConfigError` naming the variable to fix: nothing half-st
 from __future__ import annotations
 
 import asyncio
+import gc
 import logging
 import time
 from collections.abc import AsyncIterator
@@ -90,6 +91,7 @@ def build_app(settings: Settings, *, passwords: PasswordHasher | None = None) ->
     )
     app[PASSWORDS] = passwords or PasswordHasher()
     app[LIMITS] = Limits.from_settings(settings)
+    app.cleanup_ctx.append(_garbage_collector)  # first in, so it is the last to close
     app.cleanup_ctx.append(_database)
     app.cleanup_ctx.append(_object_store)
     app.cleanup_ctx.append(_authenticator)
@@ -100,7 +102,29 @@ def build_app(settings: Settings, *, passwords: PasswordHasher | None = None) ->
     if (WEB_DIR / "index.html").is_file():
         app.router.add_get("/", _index)
         app.router.add_static("/static/", WEB_DIR, follow_symlinks=False)
+    # After every cleanup_ctx set-up (aiohttp runs those from the first on_startup handler).
+    app.on_startup.append(_freeze_start_up_objects)
     return app
+
+
+async def _freeze_start_up_objects(app: web.Application) -> None:
+    """Collect once, then freeze what is left: the ~200k long-lived objects of start-up (openai and
+    pydantic models, SQLAlchemy, aiortc) are never traversed again by a full collection, which
+    otherwise stalls every session's pacing for 40-220 ms (tests/bench/RESULTS.md). From here on,
+    each collection's pause is timed into ``parley_gc_pause_seconds``."""
+    gc.collect()
+    gc.freeze()
+    app[METRICS].watch_gc()
+    log.info("gc.frozen", extra={"count": gc.get_freeze_count()})
+
+
+async def _garbage_collector(app: web.Application) -> AsyncIterator[None]:
+    """Undo :func:`_freeze_start_up_objects` when the app closes, after every other resource closed
+    (also after a failed start-up; both steps are idempotent). Several apps in one process (tests)
+    each remove their own hook; the first to close unfreezes, which only costs the others speed."""
+    yield
+    app[METRICS].unwatch_gc()
+    gc.unfreeze()
 
 
 async def _database(app: web.Application) -> AsyncIterator[None]:
@@ -184,7 +208,7 @@ async def _live_sessions(app: web.Application) -> AsyncIterator[None]:
     registry = SessionRegistry(
         max_sessions=settings.max_sessions,
         max_loop_lag_ms=settings.max_loop_lag_ms,
-        loop_lag_ms=lambda: monitor.lag_ms,
+        loop_lag_ms=lambda: monitor.sustained_lag_ms,
         on_refused=lambda cause: app[METRICS].session_refusals.labels(cause).inc(),
         recording_ok=lambda: recorders.accepting,
     )

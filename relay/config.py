@@ -104,6 +104,7 @@ class Settings:
     max_loop_lag_ms: float = 150.0
     drain_timeout_s: float = 60.0
     coach_bitrate: int = 32000
+    coach_complexity: int = 5
     spool_max_bytes: int = 512 * 1024 * 1024
 
     def __post_init__(self) -> None:
@@ -146,6 +147,10 @@ class Settings:
             raise ConfigError("PARLEY_SPOOL_MAX_BYTES", "must be at least 1048576 (1 MiB)")
         if not 6000 <= self.coach_bitrate <= 128000:
             raise ConfigError("PARLEY_COACH_BITRATE", "must be between 6000 and 128000 bit/s")
+        if not 0 <= self.coach_complexity <= 10:
+            raise ConfigError(
+                "PARLEY_COACH_COMPLEXITY", f"must be between 0 and 10, got {self.coach_complexity}"
+            )
         for address in self.rtc_host_addresses:
             try:
                 ipaddress.ip_address(address)
@@ -243,6 +248,7 @@ class Settings:
             max_loop_lag_ms=_float("PARLEY_MAX_LOOP_LAG_MS", get("PARLEY_MAX_LOOP_LAG_MS"), 150.0),
             drain_timeout_s=_float("PARLEY_DRAIN_TIMEOUT", get("PARLEY_DRAIN_TIMEOUT"), 60.0),
             coach_bitrate=_int("PARLEY_COACH_BITRATE", get("PARLEY_COACH_BITRATE"), 32000),
+            coach_complexity=_int("PARLEY_COACH_COMPLEXITY", get("PARLEY_COACH_COMPLEXITY"), 5),
             spool_max_bytes=_int("PARLEY_SPOOL_MAX_BYTES", get("PARLEY_SPOOL_MAX_BYTES"), 512 * 1024 * 1024),
         )
 

@@ -4,7 +4,7 @@
 
     push_audio() / send()            (sync, never await the network)
           |
-          v
+          v  audio coalesced into one append per ``append_ms`` (40 ms); send() flushes it first
     OutboundQueue (bounded; audio overflow drops the oldest audio, control is never dropped for audio)
           |
           v  single writer                                  on_status(connecting|ready|retrying|failed, code)
@@ -89,6 +89,8 @@ _QUOTA_ERROR_CODES: Final = frozenset(
 _FATAL_CLOSE_CODES: Final = frozenset({1002, 1003, 1007, 1008, 1009, 1010})
 """Protocol, data or policy violations: the same request would be refused again. 3000-4999 too."""
 _EXPIRY_REASON: Final = "Your session hit the maximum duration"
+_PCM_BYTES_PER_MS: Final = 48
+"""pcm16 mono at 24 kHz."""
 
 
 class UpstreamFatal(UpstreamError):
@@ -147,6 +149,9 @@ class LinkStats:
     reconnects: int = 0
     """Sessions that became ready after the first one."""
     audio_chunks_sent: int = 0
+    """Chunks as pushed (``push_audio`` calls) that reached the upstream."""
+    audio_appends_sent: int = 0
+    """``input_audio_buffer.append`` events sent: each carries the chunks of up to ``append_ms``."""
     audio_dropped_overflow: int = 0
     """Oldest audio chunks dropped because the send queue was full."""
     audio_dropped_disconnected: int = 0
@@ -227,18 +232,21 @@ def classify_error_event(code: str | None, kind: str | None = None) -> UpstreamE
 class OutboundQueue:
     """Bounded FIFO of outgoing events, audio (``bytes``) and control events (``dict``) in one order.
 
-    When it holds ``max_items``, pushing audio drops the oldest *audio* chunk (which is the new one if
-    only control events are queued); a control event also makes room by dropping the oldest audio,
-    and is queued even past the bound when there is none, so control events are never dropped for
-    audio. Not thread-safe: one event loop owns it.
+    An audio entry may hold several chunks (``chunks``, as coalesced by the link); the bound counts
+    chunks plus control events, so it stays a bound on queued audio time whatever the batching.
+    When full, pushing audio drops the oldest *audio* entries until it fits (the new entry itself
+    if only control events are queued); a control event also makes room by dropping the oldest
+    audio entry, and is queued even past the bound when there is none, so control events are never
+    dropped for audio. Counts returned are chunks. Not thread-safe: one event loop owns it.
     """
 
     def __init__(self, max_items: int) -> None:
         if max_items < 1:
             raise ValueError("max_items must be at least 1")
         self._max = max_items
-        self._items: deque[bytes | dict[str, Any]] = deque()
+        self._items: deque[tuple[bytes | dict[str, Any], int]] = deque()  # (entry, audio chunks)
         self._audio = 0
+        self._control = 0
 
     def __len__(self) -> int:
         return len(self._items)
@@ -247,60 +255,71 @@ class OutboundQueue:
     def audio_chunks(self) -> int:
         return self._audio
 
-    def push_audio(self, pcm: bytes) -> int:
-        """Queue one chunk; return how many chunks were dropped to stay in bounds (0 or 1)."""
-        if len(self._items) >= self._max:
-            if self._audio == 0:
-                return 1
-            self._drop_oldest_audio()
-            self._items.append(pcm)
-            self._audio += 1
-            return 1
-        self._items.append(pcm)
-        self._audio += 1
-        return 0
+    def push_audio(self, pcm: bytes, chunks: int = 1) -> int:
+        """Queue one audio entry of ``chunks`` chunks; return how many chunks were dropped for it."""
+        if chunks < 1:
+            raise ValueError("an audio entry holds at least one chunk")
+        dropped = 0
+        while self._audio and self._audio + self._control + chunks > self._max:
+            dropped += self._drop_oldest_audio()
+        if self._items and self._audio + self._control + chunks > self._max:
+            return dropped + chunks  # only control events queued: the new audio is the oldest
+        self._items.append((pcm, chunks))
+        self._audio += chunks
+        return dropped
 
     def push_control(self, event: dict[str, Any], *, front: bool = False) -> int:
         """Queue a control event (at the front if ``front``); return audio chunks dropped for room."""
         dropped = 0
-        if len(self._items) >= self._max and self._audio:
-            self._drop_oldest_audio()
-            dropped = 1
+        if self._audio + self._control >= self._max and self._audio:
+            dropped = self._drop_oldest_audio()
         if front:
-            self._items.appendleft(event)
+            self._items.appendleft((event, 0))
         else:
-            self._items.append(event)
+            self._items.append((event, 0))
+        self._control += 1
         return dropped
 
-    def requeue(self, entry: bytes | dict[str, Any]) -> None:
-        """Put back an entry that could not be sent, at the front."""
-        self._items.appendleft(entry)
+    def requeue(self, entry: bytes | dict[str, Any], chunks: int = 1) -> None:
+        """Put back an entry that could not be sent, at the front (``chunks``: what it held)."""
         if isinstance(entry, bytes):
-            self._audio += 1
+            self._items.appendleft((entry, chunks))
+            self._audio += chunks
+        else:
+            self._items.appendleft((entry, 0))
+            self._control += 1
 
     def pop(self) -> bytes | dict[str, Any] | None:
         """The oldest entry, or ``None`` when empty."""
+        popped = self.pop_entry()
+        return popped[0] if popped is not None else None
+
+    def pop_entry(self) -> tuple[bytes | dict[str, Any], int] | None:
+        """The oldest entry with the number of audio chunks it holds (0 for control), or ``None``."""
         if not self._items:
             return None
-        entry = self._items.popleft()
+        entry, chunks = self._items.popleft()
         if isinstance(entry, bytes):
-            self._audio -= 1
-        return entry
+            self._audio -= chunks
+        else:
+            self._control -= 1
+        return entry, chunks
 
     def drop_audio(self) -> int:
         """Drop every queued audio chunk (stale after a disconnect); return how many."""
         dropped = self._audio
         if dropped:
-            self._items = deque(e for e in self._items if not isinstance(e, bytes))
+            self._items = deque(item for item in self._items if not isinstance(item[0], bytes))
             self._audio = 0
         return dropped
 
-    def _drop_oldest_audio(self) -> None:
-        for index, entry in enumerate(self._items):
+    def _drop_oldest_audio(self) -> int:
+        for index, (entry, chunks) in enumerate(self._items):
             if isinstance(entry, bytes):
                 del self._items[index]
-                self._audio -= 1
-                return
+                self._audio -= chunks
+                return chunks
+        return 0
 
 
 # ---------------------------------------------------------------------------------------- link
@@ -331,6 +350,9 @@ class ModelLink:
     ``session_config()`` returns the ``session`` object for ``session.update`` (sent after every
     ``session.created``); ``history()`` returns the stored transcript, replayed as text items
     after a reconnect. Secrets and payloads are never logged: only ids, types, codes and counts.
+
+    ``append_ms`` is how much pushed audio one ``input_audio_buffer.append`` carries (0: one per
+    push); ``max_send_queue`` bounds the send queue in pushed chunks plus control events.
     """
 
     def __init__(
@@ -343,6 +365,8 @@ class ModelLink:
         on_event: Callable[[RealtimeServerEvent], Awaitable[None] | None],
         on_status: Callable[[LinkStatus, str | None], None],
         max_send_queue: int = 200,
+        append_ms: int = 40,
+        on_audio_queued: Callable[[float], None] | None = None,
         retry: RetryPolicy = RetryPolicy(),  # noqa: B008 - frozen, so one shared default is safe
         logger: logging.LoggerAdapter[logging.Logger] | None = None,
         name: str = "model-link",
@@ -357,6 +381,16 @@ class ModelLink:
         self._log = logger or logging.LoggerAdapter(logging.getLogger("relay.model.link"), {})
         self._name = name
         self._queue = OutboundQueue(max_send_queue)
+        if append_ms < 0:
+            raise ValueError("append_ms must not be negative")
+        self._append_bytes = append_ms * _PCM_BYTES_PER_MS
+        self._append_s = append_ms / 1000
+        self._pending: list[bytes] = []  # pushed audio not yet queued, at most one append's worth
+        self._pending_arrivals: list[float] = []  # monotonic arrival of each pending chunk's audio
+        self._on_audio_queued = on_audio_queued
+        self._pending_bytes = 0
+        self._pending_since = 0.0  # loop time of the pending batch's first chunk
+        self._flush_timer: asyncio.TimerHandle | None = None
         self._wake = asyncio.Event()
         self._closing = asyncio.Event()
         self._done = asyncio.Event()
@@ -390,13 +424,21 @@ class ModelLink:
         """The response the current upstream session is producing, if any (reset on reconnect)."""
         return self._current.active_response_id if self._current is not None else None
 
-    def push_audio(self, pcm24k: bytes) -> None:
+    def push_audio(self, pcm24k: bytes, *, arrived_at: float | None = None) -> None:
         """Queue pcm16 mono 24 kHz audio for the upstream. Never blocks, never awaits (call it from
         the event loop's thread).
+
+        Chunks are coalesced: one ``input_audio_buffer.append`` carries ``append_ms`` of audio
+        (two 20 ms chunks by default), since each send costs SDK, anyio and websockets framing on
+        the loop. A partial batch goes out once its first chunk waited ``append_ms`` (a timer, or
+        the next push if that comes first), and before any control event (:meth:`send`).
 
         Audio pushed while no upstream session is ready is dropped and counted: it is not held
         across a reconnect, since stale audio played into a new session late does more harm than
         a gap. When the queue is full the oldest queued audio is dropped and counted.
+
+        ``arrived_at`` (monotonic) is when the audio reached the relay: when its batch is queued
+        for the writer, ``on_audio_queued`` gets the seconds since then, batching wait included.
         """
         if not pcm24k:
             return
@@ -405,21 +447,33 @@ class ModelLink:
         if not self._ready or self._closing.is_set():
             self.stats.audio_dropped_disconnected += 1
             return
-        self.stats.audio_dropped_overflow += self._queue.push_audio(pcm24k)
-        self._wake.set()
+        loop = asyncio.get_running_loop()
+        now = loop.time()
+        if not self._pending:
+            self._pending_since = now
+        self._pending.append(pcm24k)
+        self._pending_bytes += len(pcm24k)
+        if arrived_at is not None:
+            self._pending_arrivals.append(arrived_at)
+        if self._pending_bytes >= self._append_bytes or now - self._pending_since >= self._append_s:
+            self._flush_audio()
+        elif self._flush_timer is None:
+            self._flush_timer = loop.call_at(self._pending_since + self._append_s, self._flush_due)
 
     def send(self, event: dict[str, Any]) -> None:
         """Queue a control event (``conversation.item.truncate``, ``response.cancel``, ...). Never blocks.
 
-        Control events are never dropped to make room for audio. One queued while the upstream is
-        away goes out once the next session is ready; ids from an older session then draw a
-        harmless ``error`` event. After :meth:`aclose` it is ignored.
+        Audio pushed before it is queued first (a commit or clear applies to all of it). Control
+        events are never dropped to make room for audio. One queued while the upstream is away goes
+        out once the next session is ready; ids from an older session then draw a harmless
+        ``error`` event. After :meth:`aclose` it is ignored.
         """
         if not isinstance(event.get("type"), str):
             raise ValueError("a client event needs a string 'type'")
         if self._closing.is_set():
             self._debug("control_event_after_close", kind=event["type"])
             return
+        self._flush_audio()
         self.stats.audio_dropped_overflow += self._queue.push_control(event)
         self._wake.set()
 
@@ -438,6 +492,7 @@ class ModelLink:
         finally:
             self._ready = False
             self._current = None
+            self.stats.audio_dropped_disconnected += self._drop_pending()
             self._done.set()
 
     async def aclose(self) -> None:
@@ -445,7 +500,7 @@ class ModelLink:
         :meth:`run` returns. Idempotent and safe to call concurrently or before :meth:`run`."""
         if not self._closing.is_set():
             self._closing.set()
-            self.stats.audio_dropped_disconnected += self._queue.drop_audio()
+            self.stats.audio_dropped_disconnected += self._queue.drop_audio() + self._drop_pending()
             self._wake.set()
         if self._started:
             await self._done.wait()
@@ -524,7 +579,7 @@ class ModelLink:
         finally:
             self._ready = False
             await _cancel_and_wait(*tasks)
-            dropped = self._queue.drop_audio()
+            dropped = self._queue.drop_audio() + self._drop_pending()
             self.stats.audio_dropped_disconnected += dropped
             self._current = None
             await self._close_socket(current.conn)
@@ -597,6 +652,47 @@ class ModelLink:
             async with asyncio.timeout(self._retry.close_timeout_s):
                 await conn.close()
 
+    # ------------------------------------------------------------------------------ audio batches
+
+    def _flush_due(self) -> None:
+        """The timer of a partial batch: its first chunk has waited ``append_ms``."""
+        self._flush_timer = None
+        self._flush_audio()
+
+    def _flush_audio(self) -> None:
+        """Queue the pending chunks as one append (dropped and counted if the upstream went away)."""
+        if self._flush_timer is not None:
+            self._flush_timer.cancel()
+            self._flush_timer = None
+        if not self._pending:
+            return
+        chunks = len(self._pending)
+        pcm = self._pending[0] if chunks == 1 else b"".join(self._pending)
+        arrivals = self._pending_arrivals
+        self._pending = []
+        self._pending_arrivals = []
+        self._pending_bytes = 0
+        if not self._ready or self._closing.is_set():
+            self.stats.audio_dropped_disconnected += chunks
+            return
+        self.stats.audio_dropped_overflow += self._queue.push_audio(pcm, chunks)
+        self._wake.set()
+        if self._on_audio_queued is not None and arrivals:
+            now = time.monotonic()
+            for arrived in arrivals:
+                self._on_audio_queued(now - arrived)
+
+    def _drop_pending(self) -> int:
+        """Forget the pending batch (the connection is gone or closing); return its chunk count."""
+        if self._flush_timer is not None:
+            self._flush_timer.cancel()
+            self._flush_timer = None
+        chunks = len(self._pending)
+        self._pending.clear()
+        self._pending_arrivals.clear()
+        self._pending_bytes = 0
+        return chunks
+
     # ------------------------------------------------------------------------------ loops
 
     async def _recv_loop(self, current: _Connection) -> None:
@@ -628,21 +724,23 @@ class ModelLink:
         """The only writer of ``conn`` once it is configured; returns when closing and drained."""
         queue = self._queue
         while True:
-            entry = queue.pop()
-            if entry is None:
+            popped = queue.pop_entry()
+            if popped is None:
                 if self._closing.is_set():
                     return
                 self._wake.clear()
                 await self._wake.wait()
                 continue
+            entry, chunks = popped
             event = protocol.audio_append(entry) if isinstance(entry, bytes) else entry
             try:
                 await self._write(conn, event)
             except BaseException:
-                queue.requeue(entry)
+                queue.requeue(entry, chunks)
                 raise
             if isinstance(entry, bytes):
-                self.stats.audio_chunks_sent += 1
+                self.stats.audio_chunks_sent += chunks
+                self.stats.audio_appends_sent += 1
             else:
                 self.stats.control_events_sent += 1
 

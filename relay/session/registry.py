@@ -2,7 +2,10 @@
 
 Admission refuses new live sessions (503 ``capacity`` + Retry-After) when the node holds its limit
 or its event loop lags: every session on a lagging loop hears gaps, so adding one makes it worse
-for all of them. Draining stops admissions and lets live sessions finish, bounded by a timeout.
+for all of them. The lag is a *sustained* figure (``LoopLagMonitor.sustained_lag_ms``: the 90th
+percentile of the last 5 s), so a single stall such as one garbage collection does not refuse,
+while a loop that is late on most ticks does, before a session count limit is reached.
+Draining stops admissions and lets live sessions finish, bounded by a timeout.
 """
 
 from __future__ import annotations
@@ -36,6 +39,8 @@ class SessionRegistry:
         on_refused: Callable[[str], None] = lambda cause: None,
         recording_ok: Callable[[], bool] = lambda: True,
     ) -> None:
+        """``loop_lag_ms`` answers the loop's recent sustained lag; above ``max_loop_lag_ms`` new
+        sessions are refused with cause ``loop_lag``."""
         self._sessions: dict[str, LiveSession] = {}
         self._max = max_sessions
         self._max_lag_ms = max_loop_lag_ms
@@ -69,7 +74,7 @@ class SessionRegistry:
         lag = self._lag()
         if lag > self._max_lag_ms:
             self._on_refused("loop_lag")
-            log.warning("registry.refused_lag", extra={"lag_ms": round(lag, 1)})
+            log.warning("registry.refused_lag", extra={"lag_ms": round(lag, 1), "limit": self._max_lag_ms})
             raise CapacityError("This node is overloaded; try again shortly.", retry_after_s=RETRY_AFTER_S)
         self._admitting.add(session_id)
 

@@ -86,6 +86,7 @@ class LiveSession:
         self._clock = UpstreamClock()
         self._speaker = SpeakerTrack(
             bitrate=settings.coach_bitrate,
+            complexity=settings.coach_complexity,
             clock_origin=self.origin,
             on_frame=self._on_coach_frame,
             on_item_started=self._on_coach_started,
@@ -98,6 +99,7 @@ class LiveSession:
             history=self._history,
             on_event=self._on_model_event,
             on_status=self._on_link_status,
+            on_audio_queued=self._on_inbound_latency,
         )
         self._downlink = Downlink(
             session_id=self.id,
@@ -179,7 +181,6 @@ class LiveSession:
                     link=self.link,
                     recorder=self._recorder,
                     clock=self._clock,
-                    on_latency=self._metrics.inbound_latency.observe,
                 ),
                 name=f"session:{self.id}:uplink",
             ),  # fmt: skip
@@ -409,14 +410,18 @@ class LiveSession:
             self._end_reason = "ended_by_learner"
             self._end_requested.set()
 
-    def _on_coach_frame(self, pcm: bytes, session_ms: int) -> None:
-        self._downlink.on_coach_frame(pcm, session_ms)
+    def _on_coach_frame(self, packet: bytes, session_ms: int) -> None:
+        self._downlink.on_coach_frame(packet, session_ms)
 
     def _on_coach_started(self, item_id: str) -> None:
         self._downlink.on_coach_started(item_id)
 
     def _on_coach_done(self, item_id: str) -> None:
         self._downlink.on_coach_done(item_id)
+
+    def _on_inbound_latency(self, seconds: float) -> None:
+        """RTP arrival -> audio queued for the upstream writer (the link's batching included)."""
+        self._metrics.inbound_latency.observe(seconds)
 
     def _on_response_latency(self, seconds: float, first: bool) -> None:
         self._metrics.first_response.labels("first" if first else "later").observe(seconds)

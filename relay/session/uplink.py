@@ -12,8 +12,6 @@ from __future__ import annotations
 
 import bisect
 import contextlib
-import time
-from collections.abc import Callable
 
 from aiortc import MediaStreamTrack
 
@@ -63,14 +61,13 @@ async def run_uplink(
     link: ModelLink,
     recorder: SessionRecorder,
     clock: UpstreamClock,
-    on_latency: Callable[[float], None],
     stats: MicStats | None = None,
 ) -> None:
     """Forward every learner chunk upstream and to the recorder until the track ends."""
     chunks = mic_chunks(track, clock_origin=clock_origin, stats=stats)
     async with contextlib.aclosing(chunks):
         async for chunk in chunks:
-            _forward(chunk, link, recorder, clock, on_latency)
+            _forward(chunk, link, recorder, clock)
 
 
 def _forward(
@@ -78,7 +75,6 @@ def _forward(
     link: ModelLink,
     recorder: SessionRecorder,
     clock: UpstreamClock,
-    on_latency: Callable[[float], None],
 ) -> None:
     if chunk.packets:  # the browser's own packets: stored as received, nothing to encode
         for at_ms, packet in chunk.packets:
@@ -88,6 +84,5 @@ def _forward(
     if not chunk.pcm:
         return
     if link.connected:
-        link.push_audio(chunk.pcm)
+        link.push_audio(chunk.pcm, arrived_at=chunk.arrived_at)
         clock.pushed(chunk.start_ms, chunk.duration_ms)
-        on_latency(time.monotonic() - chunk.arrived_at)

@@ -7,7 +7,8 @@ process only, each costing one ``time.monotonic()`` and one list append per call
 
 * ``RTCDtlsTransport._send_rtp``: ``(send time, RTP timestamp)`` of every outgoing RTP packet, per
   transport: the "wire" pacing of AIORTC.md A.1, measured where the packet leaves aiortc.
-* ``run_uplink``'s ``on_latency`` (what feeds ``parley_inbound_latency_seconds``): every raw value.
+* ``LiveSession._on_inbound_latency`` (what feeds ``parley_inbound_latency_seconds``, RTP arrival
+  until the audio's batch is queued for the upstream writer): every raw value.
 * ``LiveSession._on_response_latency`` (what feeds ``parley_first_response_seconds``): every raw value.
 * ``SpeakerTrack._account``: the lateness of every outbound ``recv()`` against its slot, and the
   speaker instances, whose ``stats`` (skips, drains, underruns) are summed into the dump.
@@ -83,16 +84,13 @@ def _install_relay_probes() -> Callable[[], dict[str, Any]]:
     lateness: list[tuple[float, float]] = []
     speakers: list[SpeakerTrack] = []
 
-    original_uplink = session_module.run_uplink
+    original_inbound = session_module.LiveSession._on_inbound_latency
 
-    async def run_uplink(track: Any, *, on_latency: Callable[[float], None], **kwargs: Any) -> None:
-        def observe(seconds: float) -> None:
-            on_latency(seconds)
-            inbound.append((time.monotonic(), seconds))
+    def _on_inbound_latency(self: Any, seconds: float) -> None:
+        original_inbound(self, seconds)
+        inbound.append((time.monotonic(), seconds))
 
-        await original_uplink(track, on_latency=observe, **kwargs)
-
-    session_module.run_uplink = run_uplink
+    session_module.LiveSession._on_inbound_latency = _on_inbound_latency
 
     original_latency = session_module.LiveSession._on_response_latency
 

@@ -3,16 +3,20 @@
 from __future__ import annotations
 
 import asyncio
+import gc
+import re
 from pathlib import Path
 
 import asyncpg  # type: ignore[import-untyped]
-from aiohttp.test_utils import TestClient
+from aiohttp.test_utils import TestClient, TestServer
 from pytest_aiohttp import AiohttpClient
 
 from relay.app import build_app
 from relay.config import Settings
+from relay.keys import METRICS
 from storage import migrate
 from storage.db import Database
+from tests.conftest import FAST_PASSWORDS
 from tests.fixtures_s3 import _remove_bucket
 from tests.services import POSTGRES_ADMIN_URL, fresh_postgres_database
 
@@ -152,3 +156,31 @@ async def test_configured_upstream_is_reported_as_openai(
     client = await _start(aiohttp_client, tmp_path, PARLEY_UPSTREAM_URL="ws://127.0.0.1:9/v1")
     body = await (await client.get("/readyz")).json()
     assert body["upstream"] == "openai"
+
+
+async def test_started_app_freezes_start_up_objects_and_exports_gc_pauses(
+    client: TestClient,  # type: ignore[type-arg]
+) -> None:
+    """After start-up the long-lived objects are frozen out of collections and GC pauses are exported."""
+    metrics = client.app[METRICS]
+    assert gc.get_freeze_count() > 10_000
+    assert metrics.gc_pauses.hook in gc.callbacks
+    gc.collect()
+    text = await (await client.get("/metrics")).text()
+    count = re.search(r'^parley_gc_pause_seconds_count\{generation="2"\} (\S+)$', text, re.M)
+    assert count is not None and float(count.group(1)) >= 1
+
+
+async def test_closed_apps_leave_no_gc_hook_and_nothing_frozen(migrated_settings: Settings) -> None:
+    """Starting and closing apps one after another leaves gc.callbacks as it was and unfreezes;
+    an app that is built but never started hooks nothing."""
+    callbacks = list(gc.callbacks)
+    build_app(migrated_settings, passwords=FAST_PASSWORDS)
+    assert gc.callbacks == callbacks
+    for _ in range(3):
+        app = build_app(migrated_settings, passwords=FAST_PASSWORDS)
+        async with TestClient(TestServer(app)) as started:
+            assert (await started.get("/healthz")).status == 200
+            assert len(gc.callbacks) == len(callbacks) + 1
+        assert gc.callbacks == callbacks
+        assert gc.get_freeze_count() == 0

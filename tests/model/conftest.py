@@ -76,6 +76,7 @@ class Harness:
         history: Sequence[HistoryItem] = HISTORY,
         retry: RetryPolicy = FAST_RETRY,
         max_send_queue: int = 200,
+        append_ms: int = 40,
         on_status: Callable[[Harness, LinkStatus, str | None], None] | None = None,
         base_url: str | None = None,
     ) -> None:
@@ -86,6 +87,7 @@ class Harness:
         self.history = list(history)
         self.history_calls = 0
         self.config_calls = 0
+        self.audio_latencies: list[float] = []
         self._status_hook = on_status
         self.link = ModelLink(
             client=self.client,
@@ -95,6 +97,8 @@ class Harness:
             on_event=self._on_event,
             on_status=self._on_status,
             max_send_queue=max_send_queue,
+            append_ms=append_ms,
+            on_audio_queued=self.audio_latencies.append,
             retry=retry,
             name="test:model-link",
         )

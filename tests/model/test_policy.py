@@ -54,6 +54,31 @@ def test_drop_audio_and_requeue() -> None:
         OutboundQueue(0)
 
 
+def test_queue_bound_counts_the_chunks_of_coalesced_audio() -> None:
+    """An entry of 2 chunks weighs 2 against the bound; dropping it reports 2 chunks; pop_entry says 2."""
+    queue = OutboundQueue(4)
+    assert queue.push_audio(b"a1a2", chunks=2) == 0
+    assert queue.push_audio(b"a3a4", chunks=2) == 0
+    assert queue.audio_chunks == 4 and len(queue) == 2
+    assert queue.push_audio(b"a5a6", chunks=2) == 2  # the oldest 2-chunk entry made room
+    assert queue.push_control({"type": "c"}) == 2  # full: the oldest audio entry goes, whole
+    assert queue.pop_entry() == (b"a5a6", 2)
+    queue.requeue(b"a5a6", 2)
+    assert queue.audio_chunks == 2
+    assert queue.drop_audio() == 2 and queue.pop_entry() == ({"type": "c"}, 0) and queue.pop() is None
+    with pytest.raises(ValueError):
+        queue.push_audio(b"x", chunks=0)
+
+
+def test_control_only_queue_refuses_coalesced_audio_that_does_not_fit() -> None:
+    """With only control events queued and no room, new audio is dropped and counted in chunks."""
+    queue = OutboundQueue(2)
+    queue.push_control({"type": "c1"})
+    assert queue.push_audio(b"a1a2", chunks=2) == 2
+    assert queue.push_audio(b"a3") == 0
+    assert [queue.pop(), queue.pop(), queue.pop()] == [{"type": "c1"}, b"a3", None]
+
+
 @pytest.mark.parametrize(
     "fields",
     [

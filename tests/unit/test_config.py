@@ -104,6 +104,9 @@ def test_plain_database_schemes_map_to_async_drivers(tmp_path: Path) -> None:
         ("PARLEY_CLIENT_SECRET_TTL", "601", "between 1 and 600"),
         ("PARLEY_ACCESS_TOKEN_TTL", "10", "between 60 and 86400"),
         ("PARLEY_MAX_SESSIONS", "0", "at least 1"),
+        ("PARLEY_COACH_COMPLEXITY", "11", "between 0 and 10"),
+        ("PARLEY_COACH_COMPLEXITY", "-1", "between 0 and 10"),
+        ("PARLEY_COACH_COMPLEXITY", "max", "must be an integer"),
         ("PARLEY_OIDC_ISSUER", "ftp://idp", "http(s) URL"),
     ],
 )
@@ -165,3 +168,12 @@ def test_live_session_settings_parse(tmp_path: Path) -> None:
     assert s.rtc_host_addresses == ("127.0.0.1", "::1")
     assert s.rtc_remote_allow == ("127.0.0.0/8",)
     assert (s.reconnect_grace_s, s.max_sessions, s.max_session_s) == (2.5, 3, 3600.0)
+
+
+@pytest.mark.parametrize(("raw", "expected"), [(None, 5), ("0", 0), ("10", 10), ("3", 3)])
+def test_coach_complexity_defaults_to_5_and_reads_0_to_10(
+    tmp_path: Path, raw: str | None, expected: int
+) -> None:
+    """PARLEY_COACH_COMPLEXITY is the coach encoder's Opus complexity: 5 unless set, 0..10 accepted."""
+    values = {} if raw is None else {"PARLEY_COACH_COMPLEXITY": raw}
+    assert Settings.from_env(env(tmp_path, **values), dotenv=None).coach_complexity == expected
