@@ -32,12 +32,20 @@ class VirtualClock:
         self.now += max(0.0, delay)
         await asyncio.sleep(0)
 
+    async def idle_sleep(self, woken: asyncio.Future[None], delay: float) -> None:
+        """Time runs 1 ms per loop turn, so something else can wake the sleeper part-way."""
+        end = self.now + max(0.0, delay)
+        while not woken.done() and self.now < end:
+            self.now = min(end, self.now + 0.001)
+            await asyncio.sleep(0)
+
 
 @pytest.fixture
 def clock(monkeypatch: pytest.MonkeyPatch) -> Iterator[VirtualClock]:
     c = VirtualClock()
     monkeypatch.setattr(speaker_module, "_monotonic", c.monotonic)
     monkeypatch.setattr(speaker_module, "_sleep", c.sleep)
+    monkeypatch.setattr(speaker_module, "_idle_sleep", c.idle_sleep)
     yield c
 
 
@@ -261,3 +269,35 @@ async def test_recv_still_works_after_aiortc_stopped_the_track(clock: VirtualClo
     track.feed(pcm_ms(20), item_id="a")
     (packet,) = await run(track, 1)
     assert packet.size > 20 and track.played_ms("a") == 20
+
+
+async def test_an_answer_after_silence_goes_out_at_once_not_at_the_next_slot(clock: VirtualClock) -> None:
+    """Audio fed while the speaker idles re-anchors the schedule: sent now, RTP timestamps continuous."""
+    track = SpeakerTrack()
+    idle = await run(track, 5)  # silence, past the encoder's tail
+    waiting = asyncio.create_task(track.recv())
+    for _ in range(6):  # 6 ms into a 20 ms wait for the next slot
+        await asyncio.sleep(0)
+    fed_at = clock.now
+    track.feed(pcm_ms(60), item_id="a")
+    first = await waiting
+    assert clock.now - fed_at < 0.002  # not the 14 ms left until the old slot
+    assert first.pts == idle[-1].pts + 960 and opus_packet_samples48(bytes(first)) == 960
+    assert track.stats.reanchors == 1 and track.played_ms("a") == 20
+    started = clock.now
+    second = await track.recv()
+    assert second.pts == first.pts + 960
+    assert abs(clock.now - started - 0.02) < 1e-9  # the new grid is 20 ms apart again
+
+
+async def test_audio_during_an_answer_keeps_the_grid(clock: VirtualClock) -> None:
+    """While audio plays (or the silence tail runs) slots keep their times: no re-anchoring."""
+    track = SpeakerTrack()
+    track.feed(pcm_ms(40), item_id="a")
+    await run(track, 2)
+    waiting = asyncio.create_task(track.recv())
+    await asyncio.sleep(0)
+    track.feed(pcm_ms(40), item_id="b")
+    await waiting
+    await run(track, 3)
+    assert track.stats.reanchors == 0
