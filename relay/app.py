@@ -20,6 +20,7 @@ from aiohttp.typedefs import Handler
 
 from relay.api import (
     auth,
+    deletion,
     exports,
     ops,
     publication,
@@ -97,7 +98,9 @@ def build_app(settings: Settings, *, passwords: PasswordHasher | None = None) ->
     app.cleanup_ctx.append(_authenticator)
     app.cleanup_ctx.append(_upstream)
     app.cleanup_ctx.append(_live_sessions)
-    for module in (ops, auth, topics, sessions, signaling, transcripts, recordings, publication, exports):
+    for module in (
+        ops, auth, topics, sessions, signaling, transcripts, recordings, publication, exports, deletion
+    ):  # fmt: skip
         app.add_routes(module.routes)
     if (WEB_DIR / "index.html").is_file():
         app.router.add_get("/", _index)
@@ -197,7 +200,7 @@ async def _live_sessions(app: web.Application) -> AsyncIterator[None]:
     monitor = LoopLagMonitor(on_sample=app[METRICS].loop_lag.observe)
     monitor.start()
     app[LOOP_LAG] = monitor
-    spool_root = settings.data_dir / "spool"
+    spool_root = settings.spool_dir
     recorders = SpoolRecorderFactory(
         app[DATABASE], app[OBJECTS], spool_root, max_spool_bytes=settings.spool_max_bytes
     )

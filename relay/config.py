@@ -185,6 +185,11 @@ class Settings:
         )
 
     @property
+    def spool_dir(self) -> Path:
+        """Where recordings wait for the object store (under the data dir)."""
+        return self.data_dir / "spool"
+
+    @property
     def upstream_kind(self) -> str:
         """``"openai"`` when a key or an explicit upstream is configured, else ``"simulator"``."""
         return "openai" if self.openai_api_key is not None or self.upstream_url else "simulator"

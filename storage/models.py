@@ -359,3 +359,17 @@ class AuditEvent(Base):
     code: Mapped[str | None] = mapped_column(String(64))
 
     __table_args__ = (Index("ix_audit_events_session", "session_id", "at"),)
+
+
+class SessionTombstone(Base):
+    """The fence of a deleted session: every writer checks it, and it outlives the session's rows.
+
+    It is written before anything of the session is removed, so a writer still in flight (an upload,
+    a transcript write, a job, an export) sees it and stops instead of recreating what is being
+    deleted. It holds the id and the time only, like the audit trail.
+    """
+
+    __tablename__ = "session_tombstones"
+
+    session_id: Mapped[str] = mapped_column(String(32), primary_key=True)
+    deleted_at: Mapped[datetime] = mapped_column(default=utcnow)

@@ -59,7 +59,8 @@ class SessionRecorder(Protocol):
         """A stretch with no audio on a track (peer gone): recorded as a gap, never filled."""
 
     async def transcript(self, event: TranscriptEvent) -> str:
-        """Persist a final segment (retries inside); returns the stored segment's id."""
+        """Persist a final segment (retries inside); returns the stored segment's id, or ``""``
+        when the session is being deleted and nothing may be written."""
 
     async def history(self) -> Sequence[tuple[Speaker, str]]:
         """The final transcript so far in conversation order, e.g. to replay upstream."""

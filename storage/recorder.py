@@ -40,6 +40,7 @@ from sqlalchemy import select, update
 from sqlalchemy.exc import IntegrityError
 
 from storage.db import Database
+from storage.deletion import fenced
 from storage.models import AudioGap, AudioRecording, Session, SessionStatus, TranscriptSegment, utcnow
 from storage.objects import ObjectStore
 from storage.oggopus import OPUS_RATES, OggOpusWriter, opus_packet_samples48, truncate_to_last_page
@@ -390,6 +391,9 @@ class SpoolRecorder:
                 attempt += 1
                 try:
                     return await self._write_transcript(event)
+                except SessionGone:
+                    log.info("recorder.transcript_fenced", extra={"session_id": self.session_id})
+                    return ""  # the session is being deleted: nothing of it may be written
                 except IntegrityError:
                     if attempt > 5:
                         raise
@@ -409,6 +413,8 @@ class SpoolRecorder:
             item_id=event.item_id, previous_item_id=event.previous_item_id,
         )  # fmt: skip
         async with self._db.sessions.begin() as s:
+            if await fenced(s, self.session_id):
+                raise SessionGone(self.session_id)
             existing = (
                 await s.execute(
                     select(TranscriptSegment).where(

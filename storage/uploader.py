@@ -2,8 +2,9 @@
 
 Order per segment: read it, ``put`` it under ``sessions/<sid>/audio/<track>/<seq:06d>.ogg``, insert
 its :class:`AudioChunk` row if absent (unique ``(recording_id, seq)``: a retry never duplicates),
-then delete the spool file. A failure anywhere retries the whole step with exponential backoff; the
-file stays in the spool until its row exists. A segment of a deleted session is deleted, not kept.
+then delete the spool file. A failure anywhere retries the whole step with exponential backoff,
+never more than :data:`MAX_RETRY_INTERVAL_S` apart; the file stays in the spool until its row
+exists. A segment of a deleted session is deleted, not kept.
 """
 
 from __future__ import annotations
@@ -22,17 +23,30 @@ from sqlalchemy.exc import IntegrityError, InterfaceError, OperationalError
 from sqlalchemy.ext.asyncio import AsyncSession
 
 from storage.db import Database, DatabaseUnavailable
-from storage.models import AudioChunk, AudioRecording, Session
+from storage.deletion import fenced
+from storage.models import AudioChunk, AudioRecording
 from storage.objects import ObjectStore, ObjectStoreError
 from storage.oggopus import read_segment_info
 from storage.spool import CLOSED_MARKER, Spool, object_key
 
-__all__ = ["RETRYABLE", "SessionGone", "Uploader", "get_or_create_recording", "upload_segment"]
+__all__ = [
+    "MAX_RETRY_INTERVAL_S",
+    "RETRYABLE",
+    "SessionGone",
+    "Uploader",
+    "get_or_create_recording",
+    "upload_segment",
+]
 
 log = logging.getLogger("storage.uploader")
 
 #: Errors that mean "try again later" (store or database unreachable, file system hiccup).
 RETRYABLE: Final = (ObjectStoreError, OperationalError, InterfaceError, DatabaseUnavailable, OSError)
+#: The longest time from one attempt's start to the next, whatever ``backoff_max_s`` asks for.
+#: DESIGN.md promises that uploads resume within 5 s of the object store's return; an attempt is one
+#: small PUT (a few seconds of Opus) and one row, so waiting longer between attempts saves nothing
+#: worth breaking that promise (a 10 s cap let a returned store wait up to 10 s).
+MAX_RETRY_INTERVAL_S: Final = 4.0
 
 
 class SessionGone(Exception):
@@ -51,7 +65,7 @@ async def get_or_create_recording(s: AsyncSession, session_id: str, track: str, 
         ).scalar_one_or_none()
         if rec_id is not None:
             return rec_id
-        if (await s.execute(select(Session.id).where(Session.id == session_id))).scalar_one_or_none() is None:
+        if await fenced(s, session_id):
             raise SessionGone(session_id)
         rec = AudioRecording(
             session_id=session_id, track=track, format="ogg/opus", sample_rate=sample_rate, channels=1,
@@ -93,12 +107,14 @@ async def upload_segment(db: Database, store: ObjectStore, spool: Spool, path: P
     key = object_key(session_id, track, seq)
     try:
         async with db.sessions() as s:
-            if (
-                await s.execute(select(Session.id).where(Session.id == session_id))
-            ).scalar_one_or_none() is None:
+            if await fenced(s, session_id):
                 raise SessionGone(session_id)
         await store.put(key, data, content_type="audio/ogg")
         async with db.sessions.begin() as s:
+            # Checked again after the put: a delete that fenced the session meanwhile must not get
+            # this object (removed below) nor its row.
+            if await fenced(s, session_id):
+                raise SessionGone(session_id)
             rec_id = await get_or_create_recording(s, session_id, track, info.sample_rate)
             exists = (
                 await s.execute(
@@ -138,7 +154,12 @@ class _Backoff:
 
 
 class Uploader:
-    """One background task per process: uploads queued segments in order, retrying with backoff."""
+    """One background task per process: uploads queued segments in order, retrying with backoff.
+
+    ``backoff_max_s`` is capped at :data:`MAX_RETRY_INTERVAL_S`, and the wait is counted from the
+    start of the failed attempt (an attempt that timed out already waited), so uploads resume at
+    most that long after the store (or the database) is back.
+    """
 
     def __init__(
         self,
@@ -152,7 +173,7 @@ class Uploader:
         self._db = db
         self._store = store
         self._spool = spool
-        self._backoff = (backoff_initial_s, backoff_max_s)
+        self._backoff = (backoff_initial_s, min(backoff_max_s, MAX_RETRY_INTERVAL_S))
         self._queue: deque[Path] = deque()
         self._queued: set[Path] = set()
         self._pending: dict[str, int] = {}
@@ -196,7 +217,9 @@ class Uploader:
                 return
             path = self._queue[0]
             backoff = _Backoff(*self._backoff)
+            loop = asyncio.get_running_loop()
             while True:
+                started = loop.time()
                 try:
                     if path.exists():
                         await upload_segment(self._db, self._store, self._spool, path)
@@ -207,7 +230,7 @@ class Uploader:
                         "uploader.retry",
                         extra={"segment": str(path), "attempt": backoff.attempt, "error": type(exc).__name__},
                     )
-                    await asyncio.sleep(delay)
+                    await asyncio.sleep(max(0.0, started + delay - loop.time()))
                 except Exception:
                     log.exception("uploader.failed", extra={"segment": str(path)})
                     break  # unreadable segment: leave it in the spool for an operator / recovery

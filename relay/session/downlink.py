@@ -243,6 +243,8 @@ class Downlink:
     def _store(self, segment: TranscriptEvent) -> None:
         async def store() -> None:
             segment_id = await self._recorder.transcript(segment)
+            if not segment_id:  # the session is being deleted: nothing was stored
+                return
             self._send({"type": "transcript.final", "segment": _segment_view(segment_id, segment)})
 
         self._spawn(store(), f"transcript:{segment.item_id}")
