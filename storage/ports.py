@@ -49,11 +49,17 @@ class SessionRecorder(Protocol):
     def coach_audio(self, pcm: bytes, *, sample_rate: int, at_ms: int) -> None:
         """Mono s16le coach audio as played to the browser; sync, never blocks."""
 
-    def learner_opus(self, packet: bytes, *, at_ms: int, input_rate: int = 48000) -> None:
+    def learner_opus(
+        self, packet: bytes, *, at_ms: int, input_rate: int = 48000, samples48: int | None = None
+    ) -> None:
         """One Opus packet from the browser as received (its duration is in its TOC byte)."""
 
-    def coach_opus(self, packet: bytes, *, at_ms: int, input_rate: int = 24000) -> None:
-        """One Opus packet of coach audio exactly as sent to the browser."""
+    def coach_opus(
+        self, packet: bytes, *, at_ms: int, input_rate: int = 24000, samples48: int | None = None
+    ) -> None:
+        """One Opus packet of coach audio exactly as sent to the browser. ``samples48``: how much
+        of it is real audio when its end is padding (an answer's last frame); trimmed from the
+        track where the packet ends a stretch of audio."""
 
     def gap(self, speaker: Speaker, start_ms: int, end_ms: int, reason: str) -> None:
         """A stretch with no audio on a track (peer gone): recorded as a gap, never filled."""

@@ -6,9 +6,9 @@ Implements :class:`storage.ports.SessionRecorder`. Per track (learner, coach):
   declared as lost, never blocking the caller);
 * a pump task per recorder drains the inbox every ``drain_s`` in a small shared thread pool, where
   Opus packets are muxed as they are and PCM is encoded with libopus (PyAV), into ~``segment_ms``
-  segments, each written page by page
-  (flush + fsync every ``page_ms``) to ``<spool>/<session>/<track>/<seq>.ogg.part``, renamed to
-  ``.ogg`` when closed and handed to the :class:`~storage.uploader.Uploader`;
+  segments, each written page by page (flushed and fsynced so that no more than ``page_ms`` is
+  ever unsynced) to ``<spool>/<session>/<track>/<seq>.ogg.part``, renamed to ``.ogg`` when closed
+  and handed to the :class:`~storage.uploader.Uploader`;
 * a jump of the caller's ``at_ms`` by more than ``DISCONTINUITY_MS`` starts a new segment at the new
   offset; ``gap()`` stretches are recorded as :class:`AudioGap` rows, never filled;
 * past ``max_spool_bytes`` the audio is dropped, declared in ``AudioRecording.lost_ms`` and as a
@@ -77,6 +77,7 @@ class _Segment:
     writer: OggOpusWriter
     codec: Any  # None for a track of Opus packets, which are muxed as they come
     frame_bytes: int
+    trailing_pad: int = 0  # padding at the end of the last packet muxed, trimmed if the segment ends there
     fifo: bytearray = field(default_factory=bytearray)
     in_samples: int = 0
     enc_samples: int = 0
@@ -99,7 +100,8 @@ class _Track:
     rate: int = 0  # the rate ``in_samples`` and the inbox count in: 48 kHz for Opus packets
     opus: bool | None = None  # packets or PCM: fixed by the first call
     input_rate: int = 0  # the original audio's rate, for the Ogg header and the manifest
-    inbox: deque[tuple[bytes, int, int]] = field(default_factory=deque)  # payload, at_ms, samples
+    # payload, at_ms, samples, and the samples of padding at the payload's end (Opus only)
+    inbox: deque[tuple[bytes, int, int, int]] = field(default_factory=deque)
     inbox_samples: int = 0
     seg: _Segment | None = None
     next_seq: int = 0
@@ -134,24 +136,31 @@ class SpoolRecorder:
     def coach_audio(self, pcm: bytes, *, sample_rate: int, at_ms: int) -> None:
         self._take(self._tracks[Speaker.COACH], pcm, at_ms, False, sample_rate, len(pcm) // 2, sample_rate)
 
-    def learner_opus(self, packet: bytes, *, at_ms: int, input_rate: int = 48000) -> None:
-        self._take(
-            self._tracks[Speaker.LEARNER],
-            packet,
-            at_ms,
-            True,
-            48000,
-            opus_packet_samples48(packet),
-            input_rate,
-        )
+    def learner_opus(
+        self, packet: bytes, *, at_ms: int, input_rate: int = 48000, samples48: int | None = None
+    ) -> None:
+        self._opus(self._tracks[Speaker.LEARNER], packet, at_ms, input_rate, samples48)
 
-    def coach_opus(self, packet: bytes, *, at_ms: int, input_rate: int = 24000) -> None:
-        self._take(
-            self._tracks[Speaker.COACH], packet, at_ms, True, 48000, opus_packet_samples48(packet), input_rate
-        )
+    def coach_opus(
+        self, packet: bytes, *, at_ms: int, input_rate: int = 24000, samples48: int | None = None
+    ) -> None:
+        self._opus(self._tracks[Speaker.COACH], packet, at_ms, input_rate, samples48)
+
+    def _opus(self, t: _Track, packet: bytes, at_ms: int, input_rate: int, samples48: int | None) -> None:
+        samples = opus_packet_samples48(packet)
+        pad = 0 if samples48 is None else max(0, samples - samples48)
+        self._take(t, packet, at_ms, True, 48000, samples, input_rate, pad)
 
     def _take(
-        self, t: _Track, payload: bytes, at_ms: int, opus: bool, rate: int, samples: int, input_rate: int
+        self,
+        t: _Track,
+        payload: bytes,
+        at_ms: int,
+        opus: bool,
+        rate: int,
+        samples: int,
+        input_rate: int,
+        pad: int = 0,
     ) -> None:
         if self._closing or samples <= 0 or rate <= 0:
             return
@@ -169,7 +178,7 @@ class SpoolRecorder:
             if t.inbox_samples + samples > self._f.max_buffer_ms * t.rate // 1000:
                 self._lost(t, at_ms, dur_ms, "overflow")
                 return
-            t.inbox.append((payload, at_ms, samples))
+            t.inbox.append((payload, at_ms, samples, pad))
             t.inbox_samples += samples
 
     def gap(self, speaker: Speaker, start_ms: int, end_ms: int, reason: str) -> None:
@@ -227,13 +236,16 @@ class SpoolRecorder:
                 t.inbox.clear()
                 t.inbox_samples = 0
             try:
-                for payload, at_ms, samples in items:
-                    self._feed(t, payload, at_ms, samples, closed)
+                for payload, at_ms, samples, pad in items:
+                    self._feed(t, payload, at_ms, samples, pad, closed)
                 seg = t.seg
                 if seg is not None:
                     pending = seg.writer.pending_samples48
                     due = time.monotonic() - seg.last_page >= self._f.page_ms / 1000
-                    if pending >= self._f.page_ms * 48 or (pending and due):
+                    # Sync now if waiting for the next drain could leave more than page_ms unsynced:
+                    # a crash loses at most what is not on disk.
+                    ahead = round(self._f.drain_s * 48000) + 960
+                    if pending + ahead >= self._f.page_ms * 48 or (pending and due):
                         self._f.spool.add(seg.writer.flush_page())
                         seg.last_page = time.monotonic()
                 if final and t.seg is not None:
@@ -259,7 +271,9 @@ class SpoolRecorder:
         for record in todo:
             self._f.spool.append_gap(self.session_id, record)
 
-    def _feed(self, t: _Track, payload: bytes, at_ms: int, samples: int, closed: list[Path]) -> None:
+    def _feed(
+        self, t: _Track, payload: bytes, at_ms: int, samples: int, pad: int, closed: list[Path]
+    ) -> None:
         dur_ms = samples * 1000 / t.rate
         if self._f.spool.used() >= self._f.max_spool_bytes:
             if t.seg is not None:
@@ -282,6 +296,7 @@ class SpoolRecorder:
             seg = self._open_segment(t, start)
         if seg.codec is None:
             seg.in_samples += samples
+            seg.trailing_pad = pad
             seg.writer.add_packet(payload)
         else:
             self._encode(t, seg, payload)
@@ -367,7 +382,9 @@ class SpoolRecorder:
         t.seg = None
         try:
             if seg.codec is None:
-                self._f.spool.add(seg.writer.close())
+                # The last packet may carry padding (a coach answer's final frame is filled up with
+                # silence): the end granule trims it so the track is as long as what was sent.
+                self._f.spool.add(seg.writer.close(seg.in_samples - seg.trailing_pad))
             else:
                 if seg.fifo:
                     self._encode_frame(seg, bytes(seg.fifo), t.enc_rate)
@@ -534,14 +551,14 @@ class SpoolRecorderFactory:
         *,
         segment_ms: int = 5000,
         max_spool_bytes: int = DEFAULT_MAX_SPOOL_BYTES,
-        page_ms: int = 1000,
+        page_ms: int = 500,
         drain_s: float = 0.2,
         bit_rate: int = 32000,
         max_buffer_ms: int = 10_000,
         upload_wait_s: float = 10.0,
         transcript_retry_s: float = 120.0,
         backoff_initial_s: float = 0.2,
-        backoff_max_s: float = 10.0,
+        backoff_max_s: float = 4.0,
         workers: int = 2,
     ) -> None:
         self.db = db
@@ -588,7 +605,7 @@ async def recover_spool(
     *,
     deadline_s: float = 60.0,
     backoff_initial_s: float = 0.2,
-    backoff_max_s: float = 5.0,
+    backoff_max_s: float = 4.0,
 ) -> list[str]:
     """Upload what a killed process left in the spool; returns the sessions marked ``interrupted``.
 

@@ -170,9 +170,11 @@ class SpeakerTrack(MediaStreamTrack):
 
     Hooks, all called on the event loop from inside ``recv()``, must be cheap and must not raise
     (an exception is logged and counted, never propagated into aiortc's sender):
-    ``on_frame(packet, session_ms)`` for every non-silent 20 ms frame sent (``packet`` is its Opus
-    packet exactly as sent, so the recorder stores the coach's voice without encoding it again;
-    ``session_ms`` is the slot's time since ``clock_origin``);
+    ``on_frame(packet, session_ms, samples48)`` for every non-silent 20 ms frame sent (``packet`` is
+    its Opus packet exactly as sent, so the recorder stores the coach's voice without encoding it
+    again; ``session_ms`` is the slot's time since ``clock_origin``; ``samples48`` is how much of it
+    is the model's audio, in 48 kHz samples: less than 960 for an item's last frame, which is padded
+    with silence);
     ``on_item_started(item_id)`` when an item's first frame is sent; ``on_item_done(item_id)`` when
     an item is done as defined above (not for items cut by :meth:`clear`).
 
@@ -194,7 +196,7 @@ class SpeakerTrack(MediaStreamTrack):
         *,
         bitrate: int = 32000,
         max_latency_ms: int = 2000,
-        on_frame: Callable[[bytes, int], None] | None = None,
+        on_frame: Callable[[bytes, int, int], None] | None = None,
         on_item_started: Callable[[str], None] | None = None,
         on_item_done: Callable[[str], None] | None = None,
         clock_origin: float | None = None,
@@ -221,6 +223,7 @@ class SpeakerTrack(MediaStreamTrack):
         self._silent_run = _SILENCE_TAIL_FRAMES
         self._outlet: _Outlet | None = None
         self._idle_waiter: asyncio.Future[None] | None = None
+        self._taken_bytes = 0  # real audio in the frame _take() returned last (the rest is padding)
 
         if not 0 <= complexity <= 10:
             raise ValueError("complexity must be 0..10")
@@ -362,7 +365,8 @@ class SpeakerTrack(MediaStreamTrack):
             encoded = self._encode(pcm)
             packet = encoded if encoded is not None else av.Packet(self._silence)
             if self.on_frame is not None:
-                self._call(self.on_frame, bytes(packet), round((due - self.clock_origin) * 1000))
+                samples48 = self._taken_bytes  # 24 kHz s16: bytes == samples at 48 kHz
+                self._call(self.on_frame, bytes(packet), round((due - self.clock_origin) * 1000), samples48)
         packet.pts = self._slot * _PTS_PER_FRAME
         packet.time_base = _RTP_TIME_BASE
         self._account(due)
@@ -419,6 +423,7 @@ class SpeakerTrack(MediaStreamTrack):
         start = item.offset
         with memoryview(item.buf) as view:  # one copy; released before the buffer may be resized
             pcm = bytes(view[start : start + n])
+        self._taken_bytes = n
         if n < FRAME_BYTES:
             pcm += _ZERO_FRAME[n:]
         item.offset += n

@@ -100,9 +100,9 @@ class Downlink:
         if handler is not None:
             handler(event)
 
-    def on_coach_frame(self, packet: bytes, session_ms: int) -> None:
-        """Speaker hook: a coach frame (its Opus packet) actually went to the browser."""
-        self._recorder.coach_opus(packet, at_ms=session_ms, input_rate=24000)
+    def on_coach_frame(self, packet: bytes, session_ms: int, samples48: int) -> None:
+        """Speaker hook: a coach frame went to the browser (its packet; ``samples48`` of it is audio)."""
+        self._recorder.coach_opus(packet, at_ms=session_ms, input_rate=24000, samples48=samples48)
         if self._awaiting_answer_since is not None:
             self._on_response_latency(time.monotonic() - self._awaiting_answer_since, not self._answered_once)
             self._awaiting_answer_since = None

@@ -410,8 +410,8 @@ class LiveSession:
             self._end_reason = "ended_by_learner"
             self._end_requested.set()
 
-    def _on_coach_frame(self, packet: bytes, session_ms: int) -> None:
-        self._downlink.on_coach_frame(packet, session_ms)
+    def _on_coach_frame(self, packet: bytes, session_ms: int, samples48: int) -> None:
+        self._downlink.on_coach_frame(packet, session_ms, samples48)
 
     def _on_coach_started(self, item_id: str) -> None:
         self._downlink.on_coach_started(item_id)

@@ -159,21 +159,22 @@ async def test_late_audio_of_a_cleared_item_is_ignored(clock: VirtualClock) -> N
 async def test_item_hooks_and_on_frame(clock: VirtualClock) -> None:
     """Item hooks bracket each item; on_frame gets each voiced frame's sent packet and slot time."""
     log: list[tuple[str, Any]] = []
-    frames: list[tuple[bytes, int]] = []
+    frames: list[tuple[bytes, int, int]] = []
     track = SpeakerTrack(
         clock_origin=clock.now - 1.0,
         on_item_started=lambda i: log.append(("started", i)),
         on_item_done=lambda i: log.append(("done", i)),
-        on_frame=lambda packet, ms: frames.append((packet, ms)),
+        on_frame=lambda packet, ms, samples48: frames.append((packet, ms, samples48)),
     )
     track.feed(pcm_ms(40), item_id="a")
-    track.feed(pcm_ms(20), item_id="b")
+    track.feed(pcm_ms(15), item_id="b")
     track.finish("b")
     sent = [bytes(p) for p in await run(track, 5)]
     assert log == [("started", "a"), ("done", "a"), ("started", "b"), ("done", "b")]
-    assert [ms for _, ms in frames] == [1000, 1020, 1040]
-    assert [p for p, _ in frames] == sent[:3]  # exactly the packets that went to the browser
-    assert all(opus_packet_samples48(p) == 960 for p, _ in frames)
+    assert [ms for _, ms, _ in frames] == [1000, 1020, 1040]
+    assert [p for p, _, _ in frames] == sent[:3]  # exactly the packets that went to the browser
+    assert all(opus_packet_samples48(p) == 960 for p, _, _ in frames)
+    assert [n for _, _, n in frames] == [960, 960, 720]  # b's 15 ms, padded to a frame
 
 
 async def test_item_without_finish_is_done_after_idle_time(clock: VirtualClock) -> None:

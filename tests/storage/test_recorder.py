@@ -194,7 +194,7 @@ def opus_packets(ms: int, rate: int = 48000) -> list[bytes]:
 async def test_opus_packets_are_stored_as_they_came_without_encoding(
     database: Database, tmp_path: Path
 ) -> None:
-    """Packets pass through byte for byte: durations, start offsets and the header rate are exact."""
+    """Packets pass through byte for byte: durations (a padded end trimmed), offsets and rates exact."""
     from storage.objects import LocalObjectStore
     from storage.oggopus import parse_pages, read_segment_info
 
@@ -209,7 +209,8 @@ async def test_opus_packets_are_stored_as_they_came_without_encoding(
     for i, packet in enumerate(learner):
         rec.learner_opus(packet, at_ms=i * FRAME_MS)
     for i, packet in enumerate(coach):  # two answers with a pause between them
-        rec.coach_opus(packet, at_ms=i * FRAME_MS + (4000 if i >= 75 else 0))
+        last = i == len(coach) - 1  # the second answer ends 10 ms into its last frame (padding)
+        rec.coach_opus(packet, at_ms=i * FRAME_MS + (4000 if i >= 75 else 0), samples48=480 if last else None)
     rec.learner_audio(ONE_SECOND[:960], sample_rate=RATE, at_ms=5000)  # a PCM frame on a packet track
     await rec.aclose()
     try:
@@ -227,7 +228,7 @@ async def test_opus_packets_are_stored_as_they_came_without_encoding(
         assert recording.lost_ms == 20  # the stray PCM frame is declared, never mixed in
         coach_rec, coach_chunks = await manifest(database, sid, "coach")
         assert coach_rec.sample_rate == 24000
-        assert [(c.start_ms, c.duration_ms) for c in coach_chunks] == [(0, 1500), (5500, 1500)]
+        assert [(c.start_ms, c.duration_ms) for c in coach_chunks] == [(0, 1500), (5500, 1490)]
     finally:
         await factory.aclose()
         await store.aclose()
