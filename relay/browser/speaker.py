@@ -220,6 +220,7 @@ class SpeakerTrack(MediaStreamTrack):
         self._played: collections.OrderedDict[str, int] = collections.OrderedDict()
         self._cancelled: collections.OrderedDict[str, None] = collections.OrderedDict()
         self._t0: float | None = None
+        self._grid_t0 = 0.0  # the schedule's long-term origin, which an answer's re-anchor leaves
         self._slot = -1
         self._last_return: float | None = None
         self._silent_run = _SILENCE_TAIL_FRAMES
@@ -330,7 +331,7 @@ class SpeakerTrack(MediaStreamTrack):
         self._slot += 1
         now = _monotonic()
         if self._t0 is None:
-            self._t0 = now
+            self._t0 = self._grid_t0 = now
             self._slot = 0
         due = self._t0 + self._slot * FRAME_S
         if now - due > _MAX_BEHIND_S:
@@ -346,7 +347,12 @@ class SpeakerTrack(MediaStreamTrack):
                 # Idle: wait for the slot or for audio, whichever comes first. Audio that arrives
                 # early moves the schedule forward so it goes out at once: RTP timestamps stay
                 # continuous and the browser sees one short interval, where waiting for the grid
-                # would add 0-20 ms (10 on average) to every first response.
+                # would add 0-20 ms (10 on average) to every first response. Once idle again, the
+                # schedule goes back to its grid (one longer interval, in silence), so packets are
+                # never more than 20 ms ahead of their timestamps and the offset cannot accumulate.
+                if self._t0 != self._grid_t0:
+                    self._t0 = self._grid_t0
+                    due = self._t0 + self._slot * FRAME_S
                 self._idle_waiter = asyncio.get_running_loop().create_future()
                 try:
                     await _idle_sleep(self._idle_waiter, due - now)

@@ -302,3 +302,19 @@ async def test_audio_during_an_answer_keeps_the_grid(clock: VirtualClock) -> Non
     await waiting
     await run(track, 3)
     assert track.stats.reanchors == 0
+
+
+async def test_the_schedule_returns_to_its_grid_once_idle_again(clock: VirtualClock) -> None:
+    """After an early start the next silence waits for the original grid: the offset never accumulates."""
+    track = SpeakerTrack()
+    first_silence = await run(track, 5)
+    grid = clock.now  # slot 4 was due exactly here
+    waiting = asyncio.create_task(track.recv())
+    for _ in range(7):
+        await asyncio.sleep(0)
+    track.feed(pcm_ms(40), item_id="a")
+    track.finish("a")
+    await waiting
+    await run(track, 1 + 3 + 1)  # a's second frame, the silence tail, then the first idle slot
+    slot = first_silence[-1].pts // 960 + 1 + 5
+    assert abs(clock.now - (grid + (slot - 4) * 0.02)) < 1e-6  # back on the original grid
