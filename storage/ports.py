@@ -1,8 +1,9 @@
 """What the live relay needs from persistence, as Protocols. ``relay/`` depends on these only.
 
-The session hands the recorder every learner frame, every coach frame and every transcript event,
-stamped on the session's timeline (integer ms since the session started). Audio calls are sync and
-cheap: they run on the media path and must never wait for storage.
+The session hands the recorder every learner frame, every coach frame, every transcript event and
+every upstream server event, stamped on the session's timeline (integer ms since the session
+started). Audio and event calls are sync and cheap: they run on the media path and the event loop
+and must never wait for storage.
 
 Audio comes in one of two shapes per track, fixed by the first call: Opus packets that already
 exist on the media path (the browser's packets as received, the coach's packets as sent), which
@@ -63,6 +64,11 @@ class SessionRecorder(Protocol):
 
     def gap(self, speaker: Speaker, start_ms: int, end_ms: int, reason: str) -> None:
         """A stretch with no audio on a track (peer gone): recorded as a gap, never filled."""
+
+    def upstream_event(self, event: object, *, at_ms: int) -> None:
+        """Every upstream server event as received (an SDK pydantic model or a dict), stamped with
+        its receive time on the session timeline, for the audit log (JSON lines, audio payloads
+        removed). Sync and cheap: it only appends; serializing happens off the event loop."""
 
     async def transcript(self, event: TranscriptEvent) -> str:
         """Persist a final segment (retries inside); returns the stored segment's id, or ``""``

@@ -14,6 +14,13 @@ Implements :class:`storage.ports.SessionRecorder`. Per track (learner, coach):
 * past ``max_spool_bytes`` the audio is dropped, declared in ``AudioRecording.lost_ms`` and as a
   ``spool_full`` gap, and :attr:`SpoolRecorderFactory.accepting` turns False.
 
+The upstream event stream (audit) goes the same way: ``upstream_event`` only appends to an inbox;
+the pump serializes the events in the worker pool (:mod:`storage.eventlog`: JSON lines, audio
+payloads removed) into ``<spool>/<session>/events/<seq>.jsonl.part``, synced so that no more than
+``events_sync_s`` is ever unsynced, closed at ``events_segment_bytes`` or ``events_segment_s`` or
+when the recorder closes, and uploaded to ``sessions/<session>/events/<seq:06d>.jsonl``. Events that
+could not be kept are declared in the log itself (a ``relay.events_dropped`` line).
+
 :func:`recover_spool` finishes what a killed process left in the spool.
 """
 
@@ -28,7 +35,7 @@ import struct
 import threading
 import time
 from collections import deque
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from fractions import Fraction
@@ -41,17 +48,19 @@ from sqlalchemy.exc import IntegrityError
 
 from storage.db import Database
 from storage.deletion import fenced
+from storage.eventlog import dropped_line, event_kind, event_line, unserializable_line
 from storage.models import AudioGap, AudioRecording, Session, SessionStatus, TranscriptSegment, utcnow
 from storage.objects import ObjectStore
 from storage.oggopus import OPUS_RATES, OggOpusWriter, opus_packet_samples48, truncate_to_last_page
 from storage.ports import Speaker, TranscriptEvent
-from storage.spool import CLOSED_MARKER, Spool, read_gaps, scan
+from storage.spool import CLOSED_MARKER, Spool, read_gaps, scan, scan_event_logs, truncate_to_last_line
 from storage.uploader import (
     RETRYABLE,
     SessionGone,
     Uploader,
     get_or_create_recording,
     recompute_duration,
+    upload_event_log,
     upload_segment,
 )
 
@@ -62,6 +71,7 @@ log = logging.getLogger("storage.recorder")
 DISCONTINUITY_MS: Final = 60
 DEFAULT_MAX_SPOOL_BYTES: Final = 512 * 1024 * 1024
 DB_BACKOFF_MAX_S: Final = 5.0
+DEFAULT_EVENTS_SEGMENT_BYTES: Final = 1024 * 1024
 
 
 # --------------------------------------------------------------------------------------------------
@@ -113,6 +123,18 @@ class _Track:
     had_audio: bool = False
 
 
+@dataclass(slots=True)
+class _EventLog:
+    """The upstream event log being written (worker pool only)."""
+
+    seq: int
+    part: Path
+    fh: BinaryIO
+    opened: float = field(default_factory=time.monotonic)
+    size: int = 0
+    unsynced_since: float | None = None
+
+
 class SpoolRecorder:
     """Records one session. Construct through :meth:`SpoolRecorderFactory.open`."""
 
@@ -127,6 +149,13 @@ class SpoolRecorder:
         self._closing = False
         self._closed: asyncio.Future[None] | None = None
         self._transcript_lock = asyncio.Lock()
+        # Upstream events: appended on the loop, drained (popleft) by the pump's worker; a deque's
+        # append and popleft are atomic, so no lock on the way in.
+        self._events: deque[tuple[object, int]] = deque()
+        self._events_dropped: dict[str, int] = {}  # reason -> count not yet declared (under _lock)
+        self._event_log: _EventLog | None = None
+        self._event_seq = 0
+        self._last_event_ms = 0
         self._pump_task = asyncio.create_task(self._pump(), name=f"recorder:{session_id}:pump")
 
     # -- audio (sync, on the media path) ----------------------------------------------------------
@@ -209,6 +238,17 @@ class SpoolRecorder:
             done = t.seg.in_samples if t.seg else 0
             return int((done + t.inbox_samples) * 1000 / t.rate) if t.rate else 0
 
+    # -- upstream events (sync, on the event loop) --------------------------------------------------
+    def upstream_event(self, event: object, *, at_ms: int) -> None:
+        """Keep one upstream server event for the audit log; only appends (serialized off the loop)."""
+        if self._closing:
+            return
+        if len(self._events) >= self._f.max_buffer_events:
+            with self._lock:
+                self._events_dropped["overflow"] = self._events_dropped.get("overflow", 0) + 1
+            return
+        self._events.append((event, at_ms))
+
     # -- the pump: drains the inbox in the worker pool ----------------------------------------------
     async def _pump(self) -> None:
         loop = asyncio.get_running_loop()
@@ -256,7 +296,118 @@ class SpoolRecorder:
                     with contextlib.suppress(Exception):
                         closed.append(self._close_segment(t))
         self._log_intervals()
+        try:
+            self._drain_events(final, closed)
+        except Exception as exc:  # the file system: never the events' content
+            log.error(
+                "recorder.events_failed",
+                extra={"session_id": self.session_id, "error_type": type(exc).__name__},
+            )
+            if self._event_log is not None:
+                with contextlib.suppress(Exception):
+                    closed.append(self._close_event_log())
         return closed
+
+    def _drain_events(self, final: bool, closed: list[Path]) -> None:
+        """Serialize the events waiting in the inbox and append them to the event log (worker pool)."""
+        lines: list[bytes] = []
+        failed: dict[str, int] = {}
+        first_ms: int | None = None
+        inbox = self._events
+        for _ in range(len(inbox)):  # only what is there now: the loop keeps appending on the right
+            event, at_ms = inbox.popleft()
+            if first_ms is None:
+                first_ms = at_ms
+            self._last_event_ms = at_ms
+            try:
+                lines.append(event_line(event, at_ms))
+            except Exception:  # one bad event loses itself only; its type stands in for it
+                kind = event_kind(event)
+                failed[kind] = failed.get(kind, 0) + 1
+                lines.append(unserializable_line(kind, at_ms))
+        for kind, count in failed.items():
+            log.warning(
+                "recorder.event_unserializable",
+                extra={"session_id": self.session_id, "kind": kind, "count": count},
+            )
+        with self._lock:
+            dropped, self._events_dropped = self._events_dropped, {}
+        if self._f.spool.used() >= self._f.max_spool_bytes:
+            # Past the budget nothing is written (as for audio); the count is declared in the log
+            # once there is room again, and the open log is closed so that it can upload.
+            if lines:
+                dropped["spool_full"] = dropped.get("spool_full", 0) + len(lines)
+            with self._lock:
+                for reason, count in dropped.items():
+                    self._events_dropped[reason] = self._events_dropped.get(reason, 0) + count
+            if final and dropped:
+                self._log_dropped(dropped)
+            if self._event_log is not None:
+                closed.append(self._close_event_log())
+            return
+        if dropped:
+            at = first_ms if first_ms is not None else self._last_event_ms
+            lines[:0] = [dropped_line(reason, count, at) for reason, count in dropped.items()]
+            self._log_dropped(dropped)
+        written = 0
+        try:
+            for line in lines:
+                current = self._event_log or self._open_event_log()
+                current.fh.write(line)
+                written += 1
+                current.size += len(line)
+                self._f.spool.add(len(line))
+                if current.unsynced_since is None:
+                    current.unsynced_since = time.monotonic()
+                if current.size >= self._f.events_segment_bytes:
+                    closed.append(self._close_event_log())
+        except Exception:
+            with self._lock:  # declared in the next log written
+                lost = len(lines) - written
+                self._events_dropped["write_failed"] = self._events_dropped.get("write_failed", 0) + lost
+            raise
+        last = self._event_log
+        if last is None:
+            return
+        now = time.monotonic()
+        if final or now - last.opened >= self._f.events_segment_s:
+            closed.append(self._close_event_log())
+        elif last.unsynced_since is not None and (
+            # Sync now if waiting for the next drain could leave more than events_sync_s unsynced.
+            now - last.unsynced_since + self._f.drain_s >= self._f.events_sync_s
+        ):
+            last.fh.flush()
+            os.fsync(last.fh.fileno())
+            last.unsynced_since = None
+
+    def _log_dropped(self, dropped: dict[str, int]) -> None:
+        for reason, count in dropped.items():
+            log.warning(
+                "recorder.events_dropped",
+                extra={"session_id": self.session_id, "reason": reason, "count": count},
+            )
+
+    def _open_event_log(self) -> _EventLog:
+        seq = self._event_seq
+        self._event_seq += 1
+        part = self._f.spool.event_log_path(self.session_id, seq, part=True)
+        part.parent.mkdir(parents=True, exist_ok=True)
+        self._event_log = _EventLog(seq, part, part.open("wb"))
+        return self._event_log
+
+    def _close_event_log(self) -> Path:
+        current = self._event_log
+        assert current is not None
+        self._event_log = None
+        try:
+            current.fh.flush()
+            os.fsync(current.fh.fileno())
+        finally:
+            current.fh.close()
+        done = current.part.with_name(current.part.name.removesuffix(".part"))
+        os.replace(current.part, done)
+        _fsync_dir(done.parent)
+        return done
 
     def _log_intervals(self) -> None:
         with self._lock:
@@ -555,11 +706,17 @@ class SpoolRecorderFactory:
         drain_s: float = 0.2,
         bit_rate: int = 32000,
         max_buffer_ms: int = 10_000,
+        max_buffer_events: int = 20_000,
+        events_segment_bytes: int = DEFAULT_EVENTS_SEGMENT_BYTES,
+        events_segment_s: float = 60.0,
+        events_sync_s: float = 1.0,
         upload_wait_s: float = 10.0,
         transcript_retry_s: float = 120.0,
         backoff_initial_s: float = 0.2,
         backoff_max_s: float = 4.0,
         workers: int = 2,
+        on_uploaded: Callable[[float], None] | None = None,
+        on_upload_error: Callable[[str], None] | None = None,
     ) -> None:
         self.db = db
         self.store = store
@@ -570,12 +727,17 @@ class SpoolRecorderFactory:
         self.drain_s = drain_s
         self.bit_rate = bit_rate
         self.max_buffer_ms = max_buffer_ms
+        self.max_buffer_events = max_buffer_events
+        self.events_segment_bytes = events_segment_bytes
+        self.events_segment_s = events_segment_s
+        self.events_sync_s = events_sync_s
         self.upload_wait_s = upload_wait_s
         self.transcript_retry_s = transcript_retry_s
         self.pool = ThreadPoolExecutor(max_workers=workers, thread_name_prefix="recorder-enc")
         self.uploader = Uploader(
-            db, store, self.spool, backoff_initial_s=backoff_initial_s, backoff_max_s=backoff_max_s
-        )
+            db, store, self.spool, backoff_initial_s=backoff_initial_s, backoff_max_s=backoff_max_s,
+            on_uploaded=on_uploaded, on_error=on_upload_error,
+        )  # fmt: skip
 
     def open(self, session_id: str) -> SpoolRecorder:
         return SpoolRecorder(self, session_id)
@@ -606,20 +768,25 @@ async def recover_spool(
     deadline_s: float = 60.0,
     backoff_initial_s: float = 0.2,
     backoff_max_s: float = 4.0,
+    spool: Spool | None = None,
 ) -> list[str]:
     """Upload what a killed process left in the spool; returns the sessions marked ``interrupted``.
 
-    ``.part`` files are cut after their last complete Ogg page. Sessions whose recorder had
-    finalized (a ``closed`` marker) only get their leftover segments uploaded. Segments that still
-    cannot be uploaded by ``deadline_s`` stay in the spool for the next start.
+    ``.part`` files are cut after their last complete Ogg page, event logs (``.jsonl.part``) after
+    their last complete line. Sessions whose recorder had finalized (a ``closed`` marker) only get
+    their leftover segments uploaded. Segments that still cannot be uploaded by ``deadline_s`` stay
+    in the spool for the next start. Pass the running factory's ``spool`` so that what recovery
+    removes is taken off the byte count that metrics and admission read.
     """
-    spool = Spool(spool_root)
+    spool = spool if spool is not None else Spool(spool_root)
     deadline = time.monotonic() + deadline_s
     segments = await asyncio.to_thread(scan, spool_root)
     session_ids = await asyncio.to_thread(_session_dirs, spool_root)
     complete: set[str] = set()
     for seg in segments:
         path = seg.path
+        if not await asyncio.to_thread(path.exists):
+            continue  # its session turned out deleted and its directory went with it
         if seg.part:
             info = await asyncio.to_thread(truncate_to_last_page, path)
             if info is None:
@@ -641,6 +808,35 @@ async def recover_spool(
             except ValueError:
                 log.warning("recover.unreadable_segment", extra={"segment": str(path)})
                 break
+    for logfile in await asyncio.to_thread(scan_event_logs, spool_root):
+        path = logfile.path
+        if not path.exists():  # removed with its session (deleted) while the ones before uploaded
+            continue
+        if logfile.part:
+            before = (await asyncio.to_thread(path.stat)).st_size
+            kept = await asyncio.to_thread(truncate_to_last_line, path)
+            spool.add(kept - before)
+            if kept == 0:
+                await asyncio.to_thread(spool.remove, path)
+                continue
+            path = path.with_name(path.name.removesuffix(".part"))
+            await asyncio.to_thread(os.replace, logfile.path, path)
+        attempt = 0
+        while True:
+            try:
+                if path.exists():
+                    await upload_event_log(db, store, spool, path)
+                break
+            except RETRYABLE as exc:
+                attempt += 1
+                if time.monotonic() >= deadline:
+                    log.warning(
+                        "recover.upload_deferred",
+                        extra={"session_id": logfile.session_id, "seq": logfile.seq,
+                               "error_type": type(exc).__name__},
+                    )  # fmt: skip
+                    break
+                await asyncio.sleep(min(backoff_max_s, backoff_initial_s * 2**attempt))
     interrupted: list[str] = []
     for sid in session_ids:
         base = spool_root / sid

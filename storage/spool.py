@@ -1,7 +1,9 @@
 """The local spool: segments wait here between the encoder and the object store.
 
 Layout: ``<root>/<session_id>/<track>/<seq:06d>.ogg.part`` while a segment is written, renamed to
-``.ogg`` when closed. ``<root>/<session_id>/gaps.jsonl`` lists gaps and losses as they happen, and
+``.ogg`` when closed. The upstream event log (JSON lines, audio payloads removed) goes the same way
+as ``<root>/<session_id>/events/<seq:06d>.jsonl.part``, renamed to ``.jsonl``.
+``<root>/<session_id>/gaps.jsonl`` lists gaps and losses as they happen, and
 ``<root>/<session_id>/closed`` marks a session whose recorder finalized (its leftovers are uploads
 still owed, not a crash). :class:`Spool` keeps the byte count used for the budget and metrics.
 """
@@ -17,16 +19,34 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Final
 
-__all__ = ["GAPS_FILE", "CLOSED_MARKER", "Spool", "SpoolSegment", "object_key", "scan"]
+__all__ = [
+    "CLOSED_MARKER",
+    "EVENTS_DIR",
+    "GAPS_FILE",
+    "Spool",
+    "SpoolSegment",
+    "event_log_key",
+    "object_key",
+    "scan",
+    "scan_event_logs",
+    "truncate_to_last_line",
+]
 
 PART_SUFFIX: Final = ".ogg.part"
 DONE_SUFFIX: Final = ".ogg"
+EVENTS_DIR: Final = "events"
+EVENTS_PART_SUFFIX: Final = ".jsonl.part"
+EVENTS_DONE_SUFFIX: Final = ".jsonl"
 GAPS_FILE: Final = "gaps.jsonl"
 CLOSED_MARKER: Final = "closed"
 
 
 def object_key(session_id: str, track: str, seq: int) -> str:
     return f"sessions/{session_id}/audio/{track}/{seq:06d}.ogg"
+
+
+def event_log_key(session_id: str, seq: int) -> str:
+    return f"sessions/{session_id}/{EVENTS_DIR}/{seq:06d}{EVENTS_DONE_SUFFIX}"
 
 
 class Spool:
@@ -48,6 +68,10 @@ class Spool:
 
     def segment_path(self, session_id: str, track: str, seq: int, *, part: bool) -> Path:
         return self.root / session_id / track / f"{seq:06d}{PART_SUFFIX if part else DONE_SUFFIX}"
+
+    def event_log_path(self, session_id: str, seq: int, *, part: bool) -> Path:
+        suffix = EVENTS_PART_SUFFIX if part else EVENTS_DONE_SUFFIX
+        return self.root / session_id / EVENTS_DIR / f"{seq:06d}{suffix}"
 
     def append_gap(self, session_id: str, record: Mapping[str, object]) -> None:
         """Durably note a gap/loss for recovery (called from the encoder thread)."""
@@ -75,9 +99,13 @@ class Spool:
         self.add(-size)
 
     def prune_session(self, session_id: str) -> bool:
-        """Remove a session's directory if no segment is left in it; returns whether it was removed."""
+        """Remove a session's directory if no segment (or event log) is left in it; returns whether it
+        was removed."""
         base = self.root / session_id
-        if any(base.glob(f"*/*{DONE_SUFFIX}")) or any(base.glob(f"*/*{PART_SUFFIX}")):
+        if any(
+            any(base.glob(f"*/*{suffix}"))
+            for suffix in (DONE_SUFFIX, PART_SUFFIX, EVENTS_DONE_SUFFIX, EVENTS_PART_SUFFIX)
+        ):
             return False
         for extra in (base / GAPS_FILE, base / CLOSED_MARKER):
             self.remove(extra)
@@ -126,6 +154,42 @@ def scan(root: Path) -> list[SpoolSegment]:
                 if stem.isdigit():
                     out.append(SpoolSegment(session_dir.name, track_dir.name, int(stem), path, part))
     return out
+
+
+def scan_event_logs(root: Path) -> list[SpoolSegment]:
+    """Every upstream event log in the spool, by session and seq (``track`` is ``"events"``)."""
+    out: list[SpoolSegment] = []
+    if not root.is_dir():
+        return out
+    for session_dir in sorted(p for p in root.iterdir() if p.is_dir()):
+        events_dir = session_dir / EVENTS_DIR
+        if not events_dir.is_dir():
+            continue
+        for path in sorted(events_dir.iterdir()):
+            name = path.name
+            part = name.endswith(EVENTS_PART_SUFFIX)
+            if not part and not name.endswith(EVENTS_DONE_SUFFIX):
+                continue
+            stem = name[: -len(EVENTS_PART_SUFFIX)] if part else name[: -len(EVENTS_DONE_SUFFIX)]
+            if stem.isdigit():
+                out.append(SpoolSegment(session_dir.name, EVENTS_DIR, int(stem), path, part))
+    return out
+
+
+def truncate_to_last_line(path: Path) -> int:
+    """Cut a ``.jsonl.part`` left by a crash after its last complete line; returns the bytes kept.
+
+    Lines are appended whole and synced every second, so what follows the last newline is a line
+    the crash interrupted (or file system padding) and is dropped.
+    """
+    with path.open("r+b") as fh:
+        data = fh.read()
+        keep = data.rfind(b"\n") + 1
+        if keep != len(data):
+            fh.truncate(keep)
+            fh.flush()
+            os.fsync(fh.fileno())
+    return keep
 
 
 def read_gaps(root: Path, session_id: str) -> list[dict[str, object]]:

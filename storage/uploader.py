@@ -5,6 +5,10 @@ its :class:`AudioChunk` row if absent (unique ``(recording_id, seq)``: a retry n
 then delete the spool file. A failure anywhere retries the whole step with exponential backoff,
 never more than :data:`MAX_RETRY_INTERVAL_S` apart; the file stays in the spool until its row
 exists. A segment of a deleted session is deleted, not kept.
+
+Upstream event logs (``<sid>/events/<seq>.jsonl``) take the same path without a row: the object
+listing under ``sessions/<sid>/events/`` is their manifest, and a retry puts the same bytes under the
+same key. :func:`upload_file` picks the step by the file's type.
 """
 
 from __future__ import annotations
@@ -13,7 +17,9 @@ import asyncio
 import contextlib
 import hashlib
 import logging
+import time
 from collections import deque
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Final
@@ -27,7 +33,7 @@ from storage.deletion import fenced
 from storage.models import AudioChunk, AudioRecording
 from storage.objects import ObjectStore, ObjectStoreError
 from storage.oggopus import read_segment_info
-from storage.spool import CLOSED_MARKER, Spool, object_key
+from storage.spool import CLOSED_MARKER, EVENTS_DONE_SUFFIX, Spool, event_log_key, object_key
 
 __all__ = [
     "MAX_RETRY_INTERVAL_S",
@@ -35,6 +41,8 @@ __all__ = [
     "SessionGone",
     "Uploader",
     "get_or_create_recording",
+    "upload_event_log",
+    "upload_file",
     "upload_segment",
 ]
 
@@ -141,6 +149,54 @@ async def upload_segment(db: Database, store: ObjectStore, spool: Spool, path: P
     await asyncio.to_thread(spool.remove, path)
 
 
+async def upload_event_log(db: Database, store: ObjectStore, spool: Spool, path: Path) -> None:
+    """Upload one closed event log (``<root>/<sid>/events/<seq>.jsonl``); idempotent, no manifest row.
+
+    Fenced like a segment: checked before the put and again after it, and a deleted session's log
+    is removed (object and spool), never kept. Raises a RETRYABLE error to be retried.
+    """
+    session_id = path.parent.parent.name
+    stem = path.name.removesuffix(EVENTS_DONE_SUFFIX)
+    if not stem.isdigit():
+        raise ValueError(f"not an event log: {path.name}")
+    key = event_log_key(session_id, int(stem))
+    data = await asyncio.to_thread(path.read_bytes)
+    data = data[: data.rfind(b"\n") + 1]  # whole lines only (a closed log always ends with one)
+    try:
+        async with db.sessions() as s:
+            if await fenced(s, session_id):
+                raise SessionGone(session_id)
+        if data:
+            await store.put(key, data, content_type="application/x-ndjson")
+        async with db.sessions() as s:
+            # Checked again after the put: a delete that fenced the session meanwhile may have
+            # swept the prefix before this object landed; it is removed below.
+            if await fenced(s, session_id):
+                raise SessionGone(session_id)
+    except SessionGone:
+        log.info("uploader.session_gone", extra={"session_id": session_id})
+        await store.delete(key)
+        await asyncio.to_thread(spool.remove_session, session_id)
+        return
+    await asyncio.to_thread(spool.remove, path)
+
+
+async def upload_file(db: Database, store: ObjectStore, spool: Spool, path: Path) -> None:
+    """Upload one closed spool file: an Ogg segment (listed in the manifest) or an event log."""
+    if path.name.endswith(EVENTS_DONE_SUFFIX):
+        await upload_event_log(db, store, spool, path)
+    else:
+        await upload_segment(db, store, spool, path)
+
+
+def _failed_part(exc: BaseException) -> str:
+    if isinstance(exc, ObjectStoreError):
+        return "store"
+    if isinstance(exc, OSError):
+        return "file"
+    return "database"
+
+
 @dataclass(slots=True)
 class _Backoff:
     initial: float
@@ -169,8 +225,15 @@ class Uploader:
         *,
         backoff_initial_s: float = 0.2,
         backoff_max_s: float = 10.0,
+        on_uploaded: Callable[[float], None] | None = None,
+        on_error: Callable[[str], None] | None = None,
     ) -> None:
         self._db = db
+        # Hooks for metrics (storage never imports them): the lag of each segment from submit to
+        # listed, and each failed attempt by what failed ("store", "database" or "file").
+        self._on_uploaded = on_uploaded
+        self._on_error = on_error
+        self._submitted: dict[Path, float] = {}
         self._store = store
         self._spool = spool
         self._backoff = (backoff_initial_s, min(backoff_max_s, MAX_RETRY_INTERVAL_S))
@@ -182,19 +245,27 @@ class Uploader:
         self._closed = False
 
     def submit(self, path: Path) -> None:
-        """Queue a closed segment (path ``<root>/<session>/<track>/<seq>.ogg``)."""
+        """Queue a closed file: a segment ``<root>/<session>/<track>/<seq>.ogg`` or an event log
+        ``<root>/<session>/events/<seq>.jsonl``."""
         if path in self._queued:
             return
         if self._task is None:
             self._task = asyncio.create_task(self._run(), name="storage:uploader")
         self._queued.add(path)
         self._queue.append(path)
+        self._submitted[path] = time.monotonic()
         sid = path.parent.parent.name
         self._pending[sid] = self._pending.get(sid, 0) + 1
         asyncio.get_running_loop().create_task(self._notify())
 
     def pending(self, session_id: str) -> int:
         return self._pending.get(session_id, 0)
+
+    def oldest_pending_s(self) -> float:
+        """How long the oldest segment still waiting has waited (0 when none): the upload lag."""
+        if not self._queue:
+            return 0.0
+        return max(0.0, time.monotonic() - self._submitted.get(self._queue[0], time.monotonic()))
 
     async def _notify(self) -> None:
         async with self._changed:
@@ -222,9 +293,13 @@ class Uploader:
                 started = loop.time()
                 try:
                     if path.exists():
-                        await upload_segment(self._db, self._store, self._spool, path)
+                        await upload_file(self._db, self._store, self._spool, path)
+                        if self._on_uploaded is not None:
+                            self._on_uploaded(time.monotonic() - self._submitted.get(path, time.monotonic()))
                     break
                 except RETRYABLE as exc:
+                    if self._on_error is not None:
+                        self._on_error(_failed_part(exc))
                     delay = backoff.next()
                     log.warning(
                         "uploader.retry",
@@ -236,6 +311,7 @@ class Uploader:
                     break  # unreadable segment: leave it in the spool for an operator / recovery
             self._queue.popleft()
             self._queued.discard(path)
+            self._submitted.pop(path, None)
             sid = path.parent.parent.name
             self._pending[sid] = self._pending.get(sid, 1) - 1
             if self._pending[sid] <= 0:

@@ -1,5 +1,7 @@
 """Model events -> browser speaker, the events channel, the recorder and the transcript store.
 
+Every event is also handed to the recorder as it is, for the audit log of the upstream stream.
+
 One handler per server event type, named after it (``_on_response_output_audio_delta``), looked up
 in a table: a grep of the OpenAI docs finds the handler. Unknown types are ignored.
 """
@@ -96,6 +98,8 @@ class Downlink:
 
     # -- entry points --------------------------------------------------------------------------
     def on_event(self, event: Any) -> None:
+        # Every event goes to the audit log first (an append; serialized off the loop).
+        self._recorder.upstream_event(event, at_ms=self._now_ms())
         handler = self._handlers.get(getattr(event, "type", ""))
         if handler is not None:
             handler(event)

@@ -4,25 +4,53 @@ from __future__ import annotations
 
 import asyncio
 import io
+import json
+from typing import Any
 
 import av
 from sqlalchemy import select
 
-from relay.keys import DATABASE, METRICS, REGISTRY
+from relay.keys import DATABASE, METRICS, OBJECTS, REGISTRY
 from storage.models import AudioGap, AudioRecording, AuditEvent, TranscriptSegment
 from tests.fakes.rtc_client import rms, speech_like
 from tests.live.conftest import Relay, start_call
 
 SILENCE_S = 1.2  # longer than the beginner topic's 900 ms silence window
+LONGEST_STRING = 2000  # base64 audio of even 20 ms is longer than this; instructions and transcripts are not
 
 
 async def speak(call_rtc: object, seconds: float) -> None:
     call_rtc.send_pcm(speech_like(seconds) + bytes(int(SILENCE_S * 48000) * 2))  # type: ignore[attr-defined]
 
 
+def strings(value: object) -> list[str]:
+    if isinstance(value, dict):
+        return [s for v in value.values() for s in strings(v)]
+    if isinstance(value, list):
+        return [s for v in value for s in strings(v)]
+    return [value] if isinstance(value, str) else []
+
+
+async def event_log(relay: Relay, session_id: str) -> tuple[list[dict[str, Any]], int]:
+    """The session's upstream event log as stored (its lines in order) and its size in bytes."""
+    store = relay.client.app[OBJECTS]
+    keys = sorted([info.key async for info in store.list(f"sessions/{session_id}/events/")])
+    assert keys and keys[0] == f"sessions/{session_id}/events/000000.jsonl", keys
+    lines: list[dict[str, Any]] = []
+    size = 0
+    for key in keys:
+        data = await store.read(key)
+        size += len(data)
+        assert data.endswith(b"\n")
+        lines += [json.loads(line) for line in data.decode().splitlines()]  # every line is JSON
+    return lines, size
+
+
 async def test_three_turn_conversation_with_audio_both_ways(relay: Relay) -> None:
-    """Three learner turns get three coach answers: audio back to the browser, transcripts live and stored."""
+    """Three learner turns get three coach answers: audio back to the browser, transcripts live and stored,
+    and the upstream event stream kept as JSON lines without audio under the session's events/ prefix."""
     call = await start_call(relay)
+    started = asyncio.get_running_loop().time()
     await call.wait_event(lambda m: m == {"type": "session.state", "status": "live"})
     sent_ms = 0
     for turn in range(1, 4):
@@ -45,7 +73,26 @@ async def test_three_turn_conversation_with_audio_both_ways(relay: Relay) -> Non
     resp = await relay.client.post(f"/v1/sessions/{call.session_id}/end", headers=call.learner.auth)
     assert resp.status == 200
     assert (await resp.json())["status"] == "ended"
+    session_s = asyncio.get_running_loop().time() - started
     await call.rtc.aclose()
+
+    # The audit log of the upstream stream: every line JSON, in receive order, nothing of the audio.
+    lines, log_bytes = await event_log(relay, call.session_id)
+    kinds = [line["type"] for line in lines]
+    assert kinds[0] == "session.created" and kinds.count("response.done") >= 3, sorted(set(kinds))
+    assert kinds.count("conversation.item.input_audio_transcription.completed") >= 3
+    assert kinds.count("response.output_audio_transcript.done") >= 3
+    assert "response.output_audio_transcript.delta" in kinds
+    at = [line["at_ms"] for line in lines]
+    assert at == sorted(at) and at[0] >= 0
+    audio_deltas = [line for line in lines if line["type"] == "response.output_audio.delta"]
+    assert audio_deltas and all("delta" not in d and d["omitted_bytes"] > 0 for d in audio_deltas)
+    assert all(len(x) <= LONGEST_STRING for line in lines for x in strings(line))
+    print(
+        f"\n[event log] lines={len(lines)} bytes={log_bytes} audio_deltas={len(audio_deltas)} "
+        f"session_s={session_s:.1f} bytes_per_min={log_bytes * 60 / session_s:.0f}",
+        flush=True,
+    )
 
     async with relay.client.app[DATABASE].sessions() as s:
         segments = (
