@@ -156,6 +156,7 @@ class SpoolRecorder:
         self._event_log: _EventLog | None = None
         self._event_seq = 0
         self._last_event_ms = 0
+        self._dropped_at_ms = 0  # the time of the last event dropped (under _lock), for its declaration
         self._pump_task = asyncio.create_task(self._pump(), name=f"recorder:{session_id}:pump")
 
     # -- audio (sync, on the media path) ----------------------------------------------------------
@@ -246,6 +247,7 @@ class SpoolRecorder:
         if len(self._events) >= self._f.max_buffer_events:
             with self._lock:
                 self._events_dropped["overflow"] = self._events_dropped.get("overflow", 0) + 1
+                self._dropped_at_ms = at_ms
             return
         self._events.append((event, at_ms))
 
@@ -312,12 +314,9 @@ class SpoolRecorder:
         """Serialize the events waiting in the inbox and append them to the event log (worker pool)."""
         lines: list[bytes] = []
         failed: dict[str, int] = {}
-        first_ms: int | None = None
         inbox = self._events
         for _ in range(len(inbox)):  # only what is there now: the loop keeps appending on the right
             event, at_ms = inbox.popleft()
-            if first_ms is None:
-                first_ms = at_ms
             self._last_event_ms = at_ms
             try:
                 lines.append(event_line(event, at_ms))
@@ -332,6 +331,7 @@ class SpoolRecorder:
             )
         with self._lock:
             dropped, self._events_dropped = self._events_dropped, {}
+            dropped_at = self._dropped_at_ms
         if self._f.spool.used() >= self._f.max_spool_bytes:
             # Past the budget nothing is written (as for audio); the count is declared in the log
             # once there is room again, and the open log is closed so that it can upload.
@@ -340,14 +340,16 @@ class SpoolRecorder:
             with self._lock:
                 for reason, count in dropped.items():
                     self._events_dropped[reason] = self._events_dropped.get(reason, 0) + count
+                if lines:
+                    self._dropped_at_ms = self._last_event_ms
             if final and dropped:
                 self._log_dropped(dropped)
             if self._event_log is not None:
                 closed.append(self._close_event_log())
             return
         if dropped:
-            at = first_ms if first_ms is not None else self._last_event_ms
-            lines[:0] = [dropped_line(reason, count, at) for reason, count in dropped.items()]
+            # Stamped with the last lost event's time, where the hole in the log is.
+            lines[:0] = [dropped_line(reason, count, dropped_at) for reason, count in dropped.items()]
             self._log_dropped(dropped)
         written = 0
         try:
