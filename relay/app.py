@@ -44,6 +44,7 @@ from relay.keys import (
     PASSWORDS,
     RECORDERS,
     REGISTRY,
+    RETENTION,
     SETTINGS,
     TOKENS,
     UPSTREAM,
@@ -57,16 +58,20 @@ from relay.security.principals import Authenticator
 from relay.security.tokens import TokenService
 from relay.session.registry import SessionRegistry
 from relay.upstream import open_upstream
+from relay.worker.retention import RetentionSweeper
 from storage import migrate
 from storage.db import Database, DatabaseUnavailable
 from storage.objects import ObjectStoreError, open_object_store
 from storage.recorder import SpoolRecorderFactory, recover_spool
+from storage.spool import Spool
 
 __all__ = ["build_app"]
 
 log = logging.getLogger("relay.app")
 
 WEB_DIR: Final = Path(__file__).resolve().parent.parent / "web"
+# Only the client's own assets are public: web/ also holds its tests, package files and node_modules.
+STATIC_DIR: Final = WEB_DIR / "static"
 # Request bodies above this are refused with 413 before a handler reads them (SDP offers are < 64 KiB).
 MAX_BODY_BYTES: Final = 1024 * 1024
 MAX_HEADER_BYTES: Final = 16 * 1024
@@ -98,13 +103,14 @@ def build_app(settings: Settings, *, passwords: PasswordHasher | None = None) ->
     app.cleanup_ctx.append(_authenticator)
     app.cleanup_ctx.append(_upstream)
     app.cleanup_ctx.append(_live_sessions)
+    app.cleanup_ctx.append(_retention)
     for module in (
         ops, auth, topics, sessions, signaling, transcripts, recordings, publication, exports, deletion
     ):  # fmt: skip
         app.add_routes(module.routes)
     if (WEB_DIR / "index.html").is_file():
         app.router.add_get("/", _index)
-        app.router.add_static("/static/", WEB_DIR, follow_symlinks=False)
+        app.router.add_static("/static/", STATIC_DIR, follow_symlinks=False)
     # After every cleanup_ctx set-up (aiohttp runs those from the first on_startup handler).
     app.on_startup.append(_freeze_start_up_objects)
     return app
@@ -202,12 +208,18 @@ async def _live_sessions(app: web.Application) -> AsyncIterator[None]:
     app[LOOP_LAG] = monitor
     spool_root = settings.spool_dir
     recorders = SpoolRecorderFactory(
-        app[DATABASE], app[OBJECTS], spool_root, max_spool_bytes=settings.spool_max_bytes
+        app[DATABASE],
+        app[OBJECTS],
+        spool_root,
+        max_spool_bytes=settings.spool_max_bytes,
+        on_uploaded=app[METRICS].upload_lag.observe,
+        on_upload_error=lambda part: app[METRICS].upload_errors.labels(part).inc(),
     )
     app[RECORDERS] = recorders
     app[METRICS].spool_bytes.set_function(recorders.spool_bytes)
+    app[METRICS].upload_oldest_pending.set_function(recorders.uploader.oldest_pending_s)
     # Whatever a killed process left in the spool is uploaded and marked interrupted, in the background.
-    recovery = asyncio.create_task(_recover(app, spool_root), name="recorder:recover-spool")
+    recovery = asyncio.create_task(_recover(app, recorders.spool), name="recorder:recover-spool")
     registry = SessionRegistry(
         max_sessions=settings.max_sessions,
         max_loop_lag_ms=settings.max_loop_lag_ms,
@@ -229,9 +241,36 @@ async def _live_sessions(app: web.Application) -> AsyncIterator[None]:
         await monitor.aclose()
 
 
-async def _recover(app: web.Application, spool_root: Path) -> None:
+async def _retention(app: web.Application) -> AsyncIterator[None]:
+    """The retention sweeper's task: after the registry (it skips live sessions), closed first."""
+    settings, registry, recorders = app[SETTINGS], app[REGISTRY], app[RECORDERS]
+
+    async def settle(session_id: str) -> None:
+        # As DELETE /v1/sessions/{id}: uploads in flight for the fenced session finish or give up.
+        if isinstance(recorders, SpoolRecorderFactory):
+            await recorders.uploader.wait_session(session_id, deletion.UPLOAD_SETTLE_S)
+
+    sweeper = RetentionSweeper(
+        app[DATABASE],
+        app[OBJECTS],
+        settings.spool_dir,
+        default_days=settings.retention_days,
+        interval_s=settings.retention_sweep_s,
+        is_live=lambda session_id: registry.get(session_id) is not None,
+        metrics=app[METRICS],
+        settle=settle,
+    )
+    app[RETENTION] = sweeper
+    sweeper.start()
     try:
-        recovered = await recover_spool(app[DATABASE], app[OBJECTS], spool_root)
+        yield
+    finally:
+        await sweeper.aclose()
+
+
+async def _recover(app: web.Application, spool: Spool) -> None:
+    try:
+        recovered = await recover_spool(app[DATABASE], app[OBJECTS], spool.root, spool=spool)
     except Exception:
         log.exception("recorder.recovery_failed")
         return

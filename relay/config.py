@@ -26,6 +26,9 @@ LOG_LEVELS: Final = ("DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL")
 SECRET_KEY_FILE: Final = "secret_key"  # noqa: S105 (a file name, not a secret)
 MIN_SECRET_KEY_LEN: Final = 32
 MAX_CLIENT_SECRET_TTL_S: Final = 600
+# Longest retention a deployment or a session may set (ten years).
+MAX_RETENTION_DAYS: Final = 3650
+MAX_RETENTION_SWEEP_S: Final = 7 * 86400
 
 
 class ConfigError(ValueError):
@@ -106,6 +109,10 @@ class Settings:
     coach_bitrate: int = 32000
     coach_complexity: int = 5
     spool_max_bytes: int = 512 * 1024 * 1024
+    # Retention: sessions are deleted this many days after they ended (None: kept until deleted;
+    # PARLEY_RETENTION_DAYS unset or 0). A session's own choice (retain, retention_days) wins.
+    retention_days: int | None = None
+    retention_sweep_s: float = 3600.0
 
     def __post_init__(self) -> None:
         # Derived defaults depend on data_dir; frozen dataclasses need object.__setattr__ for them.
@@ -165,6 +172,18 @@ class Settings:
             urls = server.get("urls")
             if not isinstance(urls, (str, list)):
                 raise ConfigError("PARLEY_ICE_SERVERS", "each server needs `urls` (a string or a list)")
+        if self.retention_days == 0:
+            object.__setattr__(self, "retention_days", None)  # 0 means off, like unset
+        if self.retention_days is not None and not 1 <= self.retention_days <= MAX_RETENTION_DAYS:
+            raise ConfigError(
+                "PARLEY_RETENTION_DAYS",
+                f"must be 0 (off) or between 1 and {MAX_RETENTION_DAYS} days, got {self.retention_days}",
+            )
+        if not 0 < self.retention_sweep_s <= MAX_RETENTION_SWEEP_S:
+            raise ConfigError(
+                "PARLEY_RETENTION_SWEEP_SECONDS",
+                f"must be more than 0 and at most {MAX_RETENTION_SWEEP_S} seconds",
+            )
         for variable, value in (
             ("PARLEY_MAX_SESSIONS", self.max_sessions),
             ("PARLEY_SESSIONS_PER_MINUTE", self.session_create_per_minute),
@@ -181,7 +200,8 @@ class Settings:
             f"openai_api_key={self.openai_api_key!r}, upstream_url={self.upstream_url!r}, "
             f"model={self.model!r}, log_level={self.log_level!r}, "
             f"oidc_issuer={self.oidc_issuer!r}, admin_emails=<{len(self.admin_emails)}>, "
-            f"ice_servers=<{len(self.ice_servers)}>, max_sessions={self.max_sessions})"
+            f"ice_servers=<{len(self.ice_servers)}>, max_sessions={self.max_sessions}, "
+            f"retention_days={self.retention_days})"
         )
 
     @property
@@ -255,6 +275,10 @@ class Settings:
             coach_bitrate=_int("PARLEY_COACH_BITRATE", get("PARLEY_COACH_BITRATE"), 32000),
             coach_complexity=_int("PARLEY_COACH_COMPLEXITY", get("PARLEY_COACH_COMPLEXITY"), 5),
             spool_max_bytes=_int("PARLEY_SPOOL_MAX_BYTES", get("PARLEY_SPOOL_MAX_BYTES"), 512 * 1024 * 1024),
+            retention_days=_int("PARLEY_RETENTION_DAYS", get("PARLEY_RETENTION_DAYS"), 0),
+            retention_sweep_s=_float(
+                "PARLEY_RETENTION_SWEEP_SECONDS", get("PARLEY_RETENTION_SWEEP_SECONDS"), 3600.0
+            ),
         )
 
 

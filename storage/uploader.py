@@ -55,6 +55,8 @@ RETRYABLE: Final = (ObjectStoreError, OperationalError, InterfaceError, Database
 #: small PUT (a few seconds of Opus) and one row, so waiting longer between attempts saves nothing
 #: worth breaking that promise (a 10 s cap let a returned store wait up to 10 s).
 MAX_RETRY_INTERVAL_S: Final = 4.0
+#: Tries at deleting an object put for a session that was fenced meanwhile (about 20 s in all).
+ORPHAN_DELETE_ATTEMPTS: Final = 8
 
 
 class SessionGone(Exception):
@@ -113,11 +115,13 @@ async def upload_segment(db: Database, store: ObjectStore, spool: Spool, path: P
     start_ms = int(info.tags["PARLEY_START_MS"])
     data = data[: info.valid_bytes]
     key = object_key(session_id, track, seq)
+    put_done = False
     try:
         async with db.sessions() as s:
             if await fenced(s, session_id):
                 raise SessionGone(session_id)
         await store.put(key, data, content_type="audio/ogg")
+        put_done = True
         async with db.sessions.begin() as s:
             # Checked again after the put: a delete that fenced the session meanwhile must not get
             # this object (removed below) nor its row.
@@ -139,9 +143,7 @@ async def upload_segment(db: Database, store: ObjectStore, spool: Spool, path: P
                 await s.flush()
                 await recompute_duration(s, rec_id)
     except SessionGone:
-        log.info("uploader.session_gone", extra={"session_id": session_id})
-        await store.delete(key)
-        await asyncio.to_thread(spool.remove_session, session_id)
+        await _fenced_out(store, spool, path, key, session_id, put_done=put_done)
         return
     except IntegrityError:
         # The row landed concurrently (or the session vanished mid-way): the next attempt settles it.
@@ -162,23 +164,47 @@ async def upload_event_log(db: Database, store: ObjectStore, spool: Spool, path:
     key = event_log_key(session_id, int(stem))
     data = await asyncio.to_thread(path.read_bytes)
     data = data[: data.rfind(b"\n") + 1]  # whole lines only (a closed log always ends with one)
+    put_done = False
     try:
         async with db.sessions() as s:
             if await fenced(s, session_id):
                 raise SessionGone(session_id)
         if data:
             await store.put(key, data, content_type="application/x-ndjson")
+            put_done = True
         async with db.sessions() as s:
             # Checked again after the put: a delete that fenced the session meanwhile may have
             # swept the prefix before this object landed; it is removed below.
             if await fenced(s, session_id):
                 raise SessionGone(session_id)
     except SessionGone:
-        log.info("uploader.session_gone", extra={"session_id": session_id})
-        await store.delete(key)
-        await asyncio.to_thread(spool.remove_session, session_id)
+        await _fenced_out(store, spool, path, key, session_id, put_done=put_done)
         return
     await asyncio.to_thread(spool.remove, path)
+
+
+async def _fenced_out(
+    store: ObjectStore, spool: Spool, path: Path, key: str, session_id: str, *, put_done: bool
+) -> None:
+    """A file of a session being deleted: drop it, and make sure no object of it stays behind.
+
+    Only this file leaves the spool (the recorder may still be closing others; the delete removes
+    the directory). An object this attempt put must go, so that delete is retried for a while; one
+    an earlier attempt may have put (its answer lost) gets one best-effort delete, without holding
+    up the queue for everyone else while the store is down: the delete's own sweep covers it.
+    """
+    log.info("uploader.session_gone", extra={"session_id": session_id})
+    await asyncio.to_thread(spool.remove, path)
+    attempts = ORPHAN_DELETE_ATTEMPTS if put_done else 1
+    for attempt in range(attempts):
+        try:
+            await store.delete(key)
+            return
+        except ObjectStoreError:
+            if attempt + 1 < attempts:
+                await asyncio.sleep(min(MAX_RETRY_INTERVAL_S, 0.25 * 2**attempt))
+    if put_done:
+        log.error("uploader.orphan_delete_failed", extra={"session_id": session_id})
 
 
 async def upload_file(db: Database, store: ObjectStore, spool: Spool, path: Path) -> None:

@@ -18,7 +18,8 @@ from storage import migrate
 from storage.db import Database
 from tests.services import fresh_postgres_database
 
-pytest_plugins = ["tests.fixtures_s3", "tests.fixtures_oidc"]
+# tests.leakscan captures every log record of the run for tests/test_leak_scan.py (SC-004).
+pytest_plugins = ["tests.fixtures_s3", "tests.fixtures_oidc", "tests.leakscan"]
 
 # scrypt at n=2**10 keeps API tests quick; tests/unit/test_passwords.py covers the real cost.
 FAST_PASSWORDS = PasswordHasher(log2_n=10)

@@ -1,37 +1,63 @@
-"""Delete a session or a whole account: a live session is ended first, then storage deletes."""
+"""Delete a session or a whole account: fenced, a live session ended, then storage deletes.
+
+Per session, in this order: the tombstone is committed (:func:`storage.deletion.fence`), so every
+writer still in flight (a transcript write, an upload, an export) stops from now on instead of
+writing into what is being deleted; a live session is ended (its recorder closes, its last writes
+are refused by the fence); the uploader is given up to :data:`UPLOAD_SETTLE_S` to finish what it has
+in flight for the session (an upload that raced the fence removes its own object); then rows,
+objects and spool files are removed and the sweep verifies that nothing is left. A dependency that is
+down makes the delete a retryable 503 (``delete_incomplete``), never a 204 with something left.
+"""
 
 from __future__ import annotations
 
 import logging
+from typing import Final
 
 from aiohttp import web
 from sqlalchemy import select
+from sqlalchemy.exc import InterfaceError, OperationalError
 
 from relay.api.deps import current_principal, owned_session
 from relay.errors import DependencyError
-from relay.keys import DATABASE, OBJECTS, REGISTRY, SETTINGS
+from relay.keys import DATABASE, OBJECTS, RECORDERS, REGISTRY, SETTINGS
 from relay.observability.logging import hash_id
-from storage.deletion import DeletionReport, delete_session, delete_user
+from storage.db import DatabaseUnavailable
+from storage.deletion import DeletionReport, delete_session, delete_user, fence
 from storage.models import Session
+from storage.objects import ObjectStoreError
+from storage.recorder import SpoolRecorderFactory
 
 __all__ = ["routes"]
 
 log = logging.getLogger("relay.api.deletion")
 routes = web.RouteTableDef()
 
+#: How long a delete waits for the uploader to settle what it has in flight for the session.
+UPLOAD_SETTLE_S: Final = 5.0
+_INCOMPLETE: Final = "Deletion could not be verified complete; please try again."
+_UNAVAILABLE: Final = (ObjectStoreError, DatabaseUnavailable, OperationalError, InterfaceError)
 
-async def _end_if_live(app: web.Application, session_id: str) -> None:
+
+async def _fence_and_end(app: web.Application, session_id: str) -> None:
+    """Fence the session, end it if it is live here, and let in-flight uploads notice the fence."""
+    await fence(app[DATABASE], session_id)
     live = app[REGISTRY].get(session_id)
     if live is not None:
         await live.end("deleted")
+    recorders = app[RECORDERS]
+    if isinstance(recorders, SpoolRecorderFactory):
+        await recorders.uploader.wait_session(session_id, UPLOAD_SETTLE_S)
+
+
+def _name(exc: BaseException) -> str:
+    return type(exc).__name__
 
 
 def _check(reports: list[DeletionReport]) -> None:
     """A deletion that left something behind is an error the learner must see (and may retry)."""
     if any(not r.complete for r in reports):
-        raise DependencyError(
-            "Deletion could not be verified complete; please try again.", code="delete_incomplete"
-        )
+        raise DependencyError(_INCOMPLETE, code="delete_incomplete")
 
 
 @routes.delete("/v1/sessions/{session_id}")
@@ -41,10 +67,15 @@ async def delete_one(request: web.Request) -> web.Response:
     app = request.app
     async with app[DATABASE].sessions() as s:
         await owned_session(s, session_id, principal.user_id)
-    await _end_if_live(app, session_id)
-    report = await delete_session(
-        app[DATABASE], app[OBJECTS], app[SETTINGS].spool_dir, session_id, user_hash=hash_id(principal.user_id)
-    )
+    try:
+        await _fence_and_end(app, session_id)
+        report = await delete_session(
+            app[DATABASE], app[OBJECTS], app[SETTINGS].spool_dir, session_id,
+            user_hash=hash_id(principal.user_id),
+        )  # fmt: skip
+    except _UNAVAILABLE as exc:
+        log.warning("session.delete_failed", extra={"session_id": session_id, "error_type": _name(exc)})
+        raise DependencyError(_INCOMPLETE, code="delete_incomplete") from exc
     _check([report])
     return web.Response(status=204)
 
@@ -57,12 +88,17 @@ async def delete_me(request: web.Request) -> web.Response:
         session_ids = list(
             (await s.execute(select(Session.id).where(Session.user_id == principal.user_id))).scalars()
         )
-    for session_id in session_ids:
-        await _end_if_live(app, session_id)
-    reports = await delete_user(
-        app[DATABASE], app[OBJECTS], app[SETTINGS].spool_dir, principal.user_id, session_ids,
-        user_hash=hash_id(principal.user_id),
-    )  # fmt: skip
+    try:
+        for session_id in session_ids:
+            await _fence_and_end(app, session_id)
+        reports = await delete_user(
+            app[DATABASE], app[OBJECTS], app[SETTINGS].spool_dir, principal.user_id, session_ids,
+            user_hash=hash_id(principal.user_id),
+        )  # fmt: skip
+    except _UNAVAILABLE as exc:
+        user = hash_id(principal.user_id)
+        log.warning("account.delete_failed", extra={"user": user, "error_type": _name(exc)})
+        raise DependencyError(_INCOMPLETE, code="delete_incomplete") from exc
     _check(reports)
     log.info("account.deleted", extra={"user": hash_id(principal.user_id), "sessions": len(reports)})
     return web.Response(status=204)

@@ -17,16 +17,27 @@ the recorder stored at upload (``manifest_sha256``), so the archive can be check
 ``partial`` is true when the session is live, was interrupted, or a track is still recording (or a
 listed segment could not be read). The response has no ``Content-Length``: it is sent chunked, and
 only one store chunk (64 KiB) is held at a time (see :mod:`relay.api.zipstream`).
+
+An export is fenced like every other writer (DESIGN.md, "Persistence guarantees" 5): a session that
+is being deleted is not found (404), an export under way checks the tombstone between files (and
+every :data:`FENCE_CHECK_S` within a long one) and is cut as soon as it sees it, and the zip is
+*sealed* before its central directory is written: the fence is checked once more under a share lock
+on the session row, in the same transaction as the ``session.exported`` audit event. A delete takes
+that row's lock to write its tombstone, so either the seal committed first (the export was produced
+before the delete began, and only its last few bytes may still be on their way) or the export sees
+the tombstone and is cut: a complete zip is never produced from a session being deleted.
 """
 
 from __future__ import annotations
 
 import json
 import logging
-from collections.abc import AsyncIterator
+import time
+from collections.abc import AsyncIterator, Sequence
 from typing import Any, Final
 
 from aiohttp import web
+from sqlalchemy import select
 
 from relay.api.deps import current_principal, owned_session
 from relay.api.problems import abort_started_response
@@ -40,13 +51,15 @@ from relay.api.views import (
     user_view,
 )
 from relay.api.zipstream import Digest, ZipStream
-from relay.errors import StorageError, Unauthorized
-from relay.keys import DATABASE, OBJECTS
+from relay.errors import NotFound, StorageError, Unauthorized
+from relay.keys import DATABASE, OBJECTS, SETTINGS
 from relay.observability.logging import hash_id
 from storage import accounts, audit, exports, sessions
 from storage.assembly import AssembledTrack, assembled_track
+from storage.db import Database
+from storage.deletion import fenced
 from storage.exports import SessionBundle
-from storage.models import utcnow
+from storage.models import Session, utcnow
 from storage.objects import ObjectNotFound, ObjectStore, ObjectStoreError
 
 __all__ = ["EXPORT_FORMAT", "routes"]
@@ -59,6 +72,53 @@ ACCOUNT_FORMAT: Final = "parley.account-export/1"
 #: Sessions read per query while exporting an account.
 ACCOUNT_PAGE: Final = 50
 _STORE_DOWN: Final = "The audio store is unavailable; try again shortly."
+#: Within one long file (an hour of audio), the fence is checked again at most this often.
+FENCE_CHECK_S: Final = 0.25
+
+
+class SessionFenced(Exception):
+    """A session being exported is being deleted: the export stops and the response is cut."""
+
+
+class _Fence:
+    """Checks that none of ``session_ids`` is being deleted; ``seal`` is the final, locked check."""
+
+    def __init__(self, db: Database, session_ids: Sequence[str] = ()) -> None:
+        self._db = db
+        self.session_ids = list(session_ids)
+        self._checked = 0.0
+
+    async def check(self, *, force: bool = True) -> None:
+        now = time.monotonic()
+        if not force and now - self._checked < FENCE_CHECK_S:
+            return
+        async with self._db.sessions() as s:
+            for session_id in self.session_ids:
+                if await fenced(s, session_id):
+                    raise SessionFenced(session_id)
+        self._checked = time.monotonic()
+
+    async def seal(self, event: str, *, session_id: str | None, user_hash: str, code: str) -> None:
+        """The last check, under a share lock on the session rows, recorded by the export's audit event.
+
+        :func:`storage.deletion.fence` locks the row for update before writing the tombstone, so the
+        two serialize: a seal that commits is ordered before the tombstone (and before the delete's
+        own audit event), and a seal that waited for a delete sees its tombstone.
+        """
+        async with self._db.sessions.begin() as s:
+            if self.session_ids:
+                await s.execute(
+                    select(Session.id).where(Session.id.in_(self.session_ids)).with_for_update(read=True)
+                )
+            for sid in self.session_ids:
+                if await fenced(s, sid):
+                    raise SessionFenced(sid)
+            audit.record(s, event, session_id=session_id, user_hash=user_hash, code=code)
+
+    async def guarded(self, chunks: AsyncIterator[bytes]) -> AsyncIterator[bytes]:
+        async for chunk in chunks:
+            await self.check(force=False)
+            yield chunk
 
 
 def _json(value: Any) -> bytes:
@@ -96,17 +156,25 @@ async def _write_session(
     bundle: SessionBundle,
     assembled: dict[str, AssembledTrack],
     store: ObjectStore,
+    fence: _Fence,
+    *,
+    default_retention_days: int | None,
 ) -> bool:
-    """Write one session's files under ``prefix``; returns its ``partial`` flag."""
+    """Write one session's files under ``prefix``; returns its ``partial`` flag.
+
+    Raises :class:`SessionFenced` before any file once ``fence`` sees the session being deleted.
+    """
     files: dict[str, Digest] = {}
     segments = [segment_view(row) for row in bundle.segments]
+    await fence.check()
     files["transcript.json"] = await zs.add_bytes(f"{prefix}transcript.json", _json({"segments": segments}))
     files["transcript.vtt"] = await zs.add_bytes(f"{prefix}transcript.vtt", to_vtt(segments).encode())
     if bundle.rating is not None and bundle.rating.status == "done":
         files["rating.json"] = await zs.add_bytes(f"{prefix}rating.json", _json(rating_view(bundle.rating)))
     for track, audio in assembled.items():
         name = f"audio/{track}.ogg"
-        files[name] = await zs.add_stream(f"{prefix}{name}", audio.read(0), size=audio.length)
+        await fence.check()
+        files[name] = await zs.add_stream(f"{prefix}{name}", fence.guarded(audio.read(0)), size=audio.length)
     reasons = exports.partial_reasons(bundle)
     recordings: list[dict[str, Any]] = []
     for track, tb in bundle.tracks.items():
@@ -120,6 +188,7 @@ async def _write_session(
                 "manifest_sha256": chunk.sha256,
                 "manifest_size": chunk.size_bytes,
             }
+            await fence.check()
             data = store.get(chunk.object_key)
             try:
                 first = await anext(data, b"")
@@ -151,9 +220,14 @@ async def _write_session(
             }
         )
     session = bundle.session
-    view = session_view(session, [tb.recording for tb in bundle.tracks.values()])
+    view = session_view(
+        session,
+        [tb.recording for tb in bundle.tracks.values()],
+        default_retention_days=default_retention_days,
+    )
     if bundle.rating is not None:
         view["rating"] = rating_view(bundle.rating)
+    await fence.check()
     manifest: dict[str, Any] = {
         "format": EXPORT_FORMAT,
         "exported_at": iso(utcnow()),
@@ -184,36 +258,46 @@ def _zip_response(filename: str) -> web.StreamResponse:
     return response
 
 
-async def _audit(request: web.Request, event: str, session_id: str | None, user_hash: str, code: str) -> None:
-    async with request.app[DATABASE].sessions.begin() as s:
-        audit.record(s, event, session_id=session_id, user_hash=user_hash, code=code)
-
-
 @routes.get("/v1/sessions/{session_id}/export", allow_head=False)
 async def export_session(request: web.Request) -> web.StreamResponse:
     """200 ``application/zip`` of one session (see the module docstring for the layout)."""
     principal = await current_principal(request)
-    async with request.app[DATABASE].sessions() as s:
+    db = request.app[DATABASE]
+    async with db.sessions() as s:
         session = await owned_session(s, request.match_info["session_id"], principal.user_id)
+        if await fenced(s, session.id):  # being deleted: gone, as it will be in a moment
+            raise NotFound("No such session.")
         bundle = await exports.load_bundle(s, session)
+    fence = _Fence(db, [session.id])
     try:  # planned before the first byte, so a store outage is still an honest 503
         assembled = await _assemble(request.app, bundle)
+        await fence.check()
     except ObjectStoreError as exc:
         raise StorageError(_STORE_DOWN) from exc
+    except SessionFenced:
+        raise NotFound("No such session.") from None
     response = _zip_response(f"parley-session-{session.id}.zip")
     await response.prepare(request)
     zs = ZipStream(response)
+    user_hash = hash_id(principal.user_id)
     try:
-        partial = await _write_session(zs, "", bundle, assembled, request.app[OBJECTS])
+        partial = await _write_session(
+            zs, "", bundle, assembled, request.app[OBJECTS], fence,
+            default_retention_days=request.app[SETTINGS].retention_days,
+        )  # fmt: skip
+        outcome = "partial" if partial else "complete"
+        await fence.seal("session.exported", session_id=session.id, user_hash=user_hash, code=outcome)
         await zs.finish()
+    except SessionFenced:
+        log.info("export.fenced", extra={"session_id": session.id, "kind": "session"})
+        zs.discard()
+        abort_started_response(request)
+        return response
     except Exception:
         log.warning("export.aborted", extra={"session_id": session.id, "kind": "session"}, exc_info=True)
         zs.discard()
         abort_started_response(request)
         return response
-    user_hash = hash_id(principal.user_id)
-    outcome = "partial" if partial else "complete"
-    await _audit(request, "session.exported", session.id, user_hash, outcome)
     log.info("export.done", extra={"session_id": session.id, "outcome": outcome, "bytes": zs.bytes_sent})
     return response
 
@@ -230,6 +314,8 @@ async def export_account(request: web.Request) -> web.StreamResponse:
     await response.prepare(request)
     zs = ZipStream(response)
     exported: list[dict[str, Any]] = []
+    # Every session written so far stays fenced-checked: one deleted meanwhile cuts the export.
+    fence = _Fence(request.app[DATABASE])
     try:
         cursor: str | None = None
         while True:
@@ -241,12 +327,16 @@ async def export_account(request: web.Request) -> web.StreamResponse:
                 # One session at a time: its rows and track plans are dropped before the next is read.
                 async with request.app[DATABASE].sessions() as s:
                     session = await sessions.get_owned_session(s, listed.id, principal.user_id)
-                    if session is None:  # deleted meanwhile
+                    if session is None or await fenced(s, listed.id):  # deleted meanwhile
                         continue
                     bundle = await exports.load_bundle(s, session)
+                fence.session_ids.append(session.id)
                 assembled = await _assemble(request.app, bundle)
                 prefix = f"sessions/{session.id}/"
-                partial = await _write_session(zs, prefix, bundle, assembled, request.app[OBJECTS])
+                partial = await _write_session(
+                    zs, prefix, bundle, assembled, request.app[OBJECTS], fence,
+                    default_retention_days=request.app[SETTINGS].retention_days,
+                )  # fmt: skip
                 exported.append({"id": session.id, "path": prefix, "partial": partial})
             if page.next_cursor is None:
                 break
@@ -258,13 +348,18 @@ async def export_account(request: web.Request) -> web.StreamResponse:
             "sessions": exported,
         }
         await zs.add_bytes("account.json", _json(account))
+        await fence.seal("account.exported", session_id=None, user_hash=hash_id(principal.user_id),
+                         code="complete")  # fmt: skip
         await zs.finish()
+    except SessionFenced as exc:
+        log.info("export.fenced", extra={"session_id": str(exc), "kind": "account"})
+        zs.discard()
+        abort_started_response(request)
+        return response
     except Exception:
         log.warning("export.aborted", extra={"kind": "account", "count": len(exported)}, exc_info=True)
         zs.discard()
         abort_started_response(request)
         return response
-    user_hash = hash_id(principal.user_id)
-    await _audit(request, "account.exported", None, user_hash, "complete")
     log.info("export.done", extra={"kind": "account", "sessions": len(exported), "bytes": zs.bytes_sent})
     return response

@@ -1,4 +1,9 @@
-"""Session resources: create, mint client secrets, list, read. Always scoped to the owner."""
+"""Session resources: create, mint client secrets, list, read, change retention. Always owner-scoped.
+
+``PATCH /v1/sessions/{id}`` takes ``{"retain": bool}`` and/or ``{"retention_days": 1..3650 | null}``
+(``null``: the deployment's ``PARLEY_RETENTION_DAYS`` applies again) and answers the Session, whose
+``retention`` field says when it will be deleted (:mod:`storage.retention`).
+"""
 
 from __future__ import annotations
 
@@ -11,11 +16,12 @@ from pydantic import Field
 from relay.api.body import Schema, read_json
 from relay.api.deps import current_principal, owned_session
 from relay.api.views import iso, session_view
-from relay.errors import BadRequest, Conflict, RateLimited
-from relay.keys import DATABASE, LIMITS, TOKENS
+from relay.config import MAX_RETENTION_DAYS
+from relay.errors import BadRequest, Conflict, NotFound, RateLimited
+from relay.keys import DATABASE, LIMITS, SETTINGS, TOKENS
 from relay.observability.logging import hash_id
 from relay.security.principals import Principal
-from storage import sessions, topics
+from storage import retention, sessions, topics
 from storage.models import SessionStatus
 
 __all__ = ["routes"]
@@ -34,6 +40,13 @@ NOT_FOUND: Final = "No such session."
 
 class NewSession(Schema):
     topic_id: str = Field(min_length=1, max_length=64)
+
+
+class RetentionChange(Schema):
+    """Strict types: ``"true"``, ``1`` or ``7.0`` are 422, not quietly converted."""
+
+    retain: bool = Field(default=False, strict=True)
+    retention_days: int | None = Field(default=None, ge=1, le=MAX_RETENTION_DAYS, strict=True)
 
 
 async def _mint_secret(request: web.Request, principal: Principal, session_id: str) -> dict[str, Any]:
@@ -66,7 +79,10 @@ async def create_session(request: web.Request) -> web.Response:
     log.info("session.created", extra={"session_id": session.id, "user": hash_id(principal.user_id)})
     secret = await _mint_secret(request, principal, session.id)
     return web.json_response(
-        {"session": session_view(session), "client_secret": secret},
+        {
+            "session": session_view(session, default_retention_days=request.app[SETTINGS].retention_days),
+            "client_secret": secret,
+        },
         status=201,
         headers={"Location": f"/v1/sessions/{session.id}", "Cache-Control": "no-store"},
     )
@@ -104,7 +120,12 @@ async def list_sessions(request: web.Request) -> web.Response:
         ) from None
     return web.json_response(
         {
-            "sessions": [session_view(x, audio.get(x.id, ())) for x in page.sessions],
+            "sessions": [
+                session_view(
+                    x, audio.get(x.id, ()), default_retention_days=request.app[SETTINGS].retention_days
+                )
+                for x in page.sessions
+            ],
             "next_cursor": page.next_cursor,
         }
     )
@@ -116,4 +137,45 @@ async def get_session(request: web.Request) -> web.Response:
     async with request.app[DATABASE].sessions() as s:
         session = await owned_session(s, request.match_info["session_id"], principal.user_id)
         audio = await sessions.recordings(s, [session.id])
-    return web.json_response(session_view(session, audio.get(session.id, ())))
+    return web.json_response(
+        session_view(
+            session, audio.get(session.id, ()), default_retention_days=request.app[SETTINGS].retention_days
+        )
+    )
+
+
+@routes.patch("/v1/sessions/{session_id}")
+async def change_session(request: web.Request) -> web.Response:
+    """The learner's retention choice: keep forever (``retain``) and/or a limit of its own."""
+    principal = await current_principal(request)
+    body = await read_json(request, RetentionChange)
+    given = body.model_fields_set
+    if not given:
+        raise BadRequest(
+            "Nothing to change: send retain and/or retention_days.", code="invalid_request", field="$"
+        )
+    async with request.app[DATABASE].sessions.begin() as s:
+        session = await owned_session(s, request.match_info["session_id"], principal.user_id)
+        changed = await retention.set_retention(
+            s,
+            session,
+            retain=body.retain if "retain" in given else None,
+            retention_days=body.retention_days if "retention_days" in given else retention.Keep.UNCHANGED,
+            user_hash=hash_id(principal.user_id),
+        )
+        if not changed:  # being deleted
+            raise NotFound(NOT_FOUND)
+        audio = await sessions.recordings(s, [session.id])
+    log.info(
+        "session.retention",
+        extra={
+            "session_id": session.id,
+            "user": hash_id(principal.user_id),
+            "outcome": retention.policy(session),
+        },
+    )
+    return web.json_response(
+        session_view(
+            session, audio.get(session.id, ()), default_retention_days=request.app[SETTINGS].retention_days
+        )
+    )

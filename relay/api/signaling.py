@@ -167,4 +167,6 @@ async def end_session(request: web.Request) -> web.Response:
     async with db.sessions() as s:
         row = await owned_session(s, session_id, principal.user_id)
         audio = await sessions.recordings(s, [row.id])
-    return web.json_response(session_view(row, audio.get(row.id, ())))
+    return web.json_response(
+        session_view(row, audio.get(row.id, ()), default_retention_days=request.app[SETTINGS].retention_days)
+    )

@@ -7,6 +7,7 @@ from datetime import datetime
 from typing import Any
 
 from storage.models import AudioRecording, Rating, Session, Topic, TranscriptSegment, User
+from storage.retention import expires_at
 
 __all__ = [
     "iso",
@@ -60,7 +61,14 @@ def segment_view(row: TranscriptSegment) -> dict[str, Any]:
     }
 
 
-def session_view(session: Session, recordings: Sequence[AudioRecording] = ()) -> dict[str, Any]:
+def session_view(
+    session: Session, recordings: Sequence[AudioRecording] = (), *, default_retention_days: int | None
+) -> dict[str, Any]:
+    """API.md's Session, plus ``retention``: the learner's choice and when the session will be deleted
+    (``expires_at`` is ``null`` while it is kept: retained, no limit, or still going).
+
+    ``default_retention_days`` is the deployment's ``PARLEY_RETENTION_DAYS`` (``None`` when off).
+    """
     return {
         "id": session.id,
         "topic_id": session.topic_id,
@@ -75,6 +83,11 @@ def session_view(session: Session, recordings: Sequence[AudioRecording] = ()) ->
             for r in sorted(recordings, key=lambda r: r.track)
         ],
         "rating": None,
+        "retention": {
+            "retain": session.retain,
+            "retention_days": session.retention_days,
+            "expires_at": iso(expires_at(session, default_retention_days)),
+        },
     }
 
 
@@ -100,10 +113,14 @@ def public_session_view(
     """The Session shape for anyone holding the public link: nothing that identifies the owner.
 
     ``id`` is the public slug, not the session id; the times of day the learner practised are left
-    out (``null``), the duration stays; ``rating`` is ``null`` (the public sees transcript and audio).
+    out (``null``), the duration stays; ``rating`` and ``retention`` (the owner's business) are ``null``
+    (the public sees transcript and audio).
     """
-    view = session_view(session, recordings)
-    view.update(id=slug, visibility="public", created_at=None, started_at=None, ended_at=None, rating=None)
+    view = session_view(session, recordings, default_retention_days=None)
+    view.update(
+        id=slug, visibility="public", created_at=None, started_at=None, ended_at=None, rating=None,
+        retention=None,
+    )  # fmt: skip
     return view
 
 

@@ -4,7 +4,9 @@ Parley's own records carry an event name as their message and facts in ``extra``
 :data:`ALLOWED_FIELDS` reach the output, so a careless ``extra={"sdp": ...}`` is dropped rather than
 leaked. Records from libraries (aiohttp, aiortc, aioice, ...) keep only their unformatted message
 template, never their arguments (which hold addresses, SDP and payloads), and every string that
-leaves passes through :func:`scrub` as a last line of defence.
+leaves passes through :func:`scrub` as a last line of defence. A library message without arguments
+was formatted by the library itself (asyncio's "Task exception was never retrieved" carries the
+task's repr and the exception's message): only its leading words are kept.
 """
 
 from __future__ import annotations
@@ -19,7 +21,16 @@ import time
 from collections.abc import Mapping
 from typing import Any, Final, TextIO
 
-__all__ = ["ALLOWED_FIELDS", "ContextLogger", "JsonFormatter", "configure_logging", "hash_id", "scrub"]
+__all__ = [
+    "ALLOWED_FIELDS",
+    "ContextLogger",
+    "JsonFormatter",
+    "configure_logging",
+    "hash_id",
+    "json_handler",
+    "scrub",
+    "set_levels",
+]
 
 ALLOWED_FIELDS: Final = frozenset(
     {
@@ -32,7 +43,7 @@ ALLOWED_FIELDS: Final = frozenset(
         "error_type",
         # numbers
         "duration_ms", "count", "bytes", "attempt", "max_attempts", "delay_ms", "lag_ms", "port",
-        "sessions", "frames", "seq", "limit", "retry_after_s", "revision",
+        "sessions", "frames", "seq", "limit", "retry_after_s", "revision", "skipped",
     }
 )  # fmt: skip
 
@@ -50,6 +61,9 @@ _REDACTIONS: Final = (
     (re.compile(r"(?m)^a=(?:candidate|fingerprint|ice-ufrag|ice-pwd).*$"), "<sdp>"),
 )  # fmt: skip
 
+# Where a message a library formatted itself turns into data: a new line, a colon, a bracket, a quote.
+_DATA_STARTS: Final = re.compile(r"""[\n:(<\[{='"]""")
+
 _STD_ATTRS: Final = frozenset(vars(logging.makeLogRecord({})).keys()) | {"message", "asctime"}
 
 
@@ -58,6 +72,16 @@ def scrub(text: str) -> str:
     for pattern, placeholder in _REDACTIONS:
         text = pattern.sub(placeholder, text)
     return text
+
+
+def _leading_words(message: str) -> str:
+    """The wording of a message a library formatted before logging, without the data in it.
+
+    asyncio, for one, logs ``"Task exception was never retrieved\nfuture: <Task ... exception=
+    ValueError('<whatever the exception said>')>"`` and ``"Exception in callback f(<args>)"`` as
+    ready-made strings: there is no template to keep, so only the words before the data are.
+    """
+    return _DATA_STARTS.split(message, 1)[0].rstrip() or "(preformatted)"
 
 
 def hash_id(value: str, *, key: bytes = b"parley-log") -> str:
@@ -81,7 +105,12 @@ class JsonFormatter(logging.Formatter):
             "logger": record.name,
         }
         # Library records: the template only, never the arguments that fill it.
-        out["event"] = scrub(str(record.msg)) if isinstance(record.msg, str) else type(record.msg).__name__
+        if not isinstance(record.msg, str):
+            out["event"] = type(record.msg).__name__
+        elif own or record.args:
+            out["event"] = scrub(record.msg)
+        else:
+            out["event"] = scrub(_leading_words(record.msg))
         if own:
             out.update(_allowed(record.__dict__))
         if record.exc_info and record.exc_info[0] is not None:
@@ -102,20 +131,35 @@ def _allowed(attrs: Mapping[str, Any]) -> dict[str, Any]:
     return result
 
 
-def configure_logging(level: str = "INFO", stream: TextIO | None = None) -> logging.Handler:
-    """Route every logger through one JSON handler on ``stream`` (stderr by default)."""
+def json_handler(stream: TextIO | None = None) -> logging.Handler:
+    """The handler Parley logs through: one :class:`JsonFormatter` line per record on ``stream``."""
     handler = logging.StreamHandler(stream or sys.stderr)
     handler.setFormatter(JsonFormatter())
-    root = logging.getLogger()
-    for old in list(root.handlers):
-        root.removeHandler(old)
-    root.addHandler(handler)
-    root.setLevel(level)
+    return handler
+
+
+def set_levels(level: str) -> None:
+    """The root level, and the libraries kept quieter than it (or off) whatever the level."""
+    logging.getLogger().setLevel(level)
     # aiohttp's access log formats the client address into the message; Parley logs requests itself.
     logging.getLogger("aiohttp.access").disabled = True
     # These libraries log SDP, candidates and frames at DEBUG; keep them quiet even when we debug.
     for noisy in ("aioice", "aiortc", "websockets", "asyncio"):
         logging.getLogger(noisy).setLevel(max(logging.getLevelName(level), logging.INFO))
+    # urllib3 (under the minio client) formats the object store's address into its retry warnings
+    # ("Retrying ... HTTPConnection(host='10.0.0.5', ...)"), which any handler other than ours would
+    # print; the uploader ("uploader.retry") and /readyz report object-store failures themselves.
+    logging.getLogger("urllib3").setLevel(max(logging.getLevelName(level), logging.ERROR))
+
+
+def configure_logging(level: str = "INFO", stream: TextIO | None = None) -> logging.Handler:
+    """Route every logger through one JSON handler on ``stream`` (stderr by default)."""
+    handler = json_handler(stream)
+    root = logging.getLogger()
+    for old in list(root.handlers):
+        root.removeHandler(old)
+    root.addHandler(handler)
+    set_levels(level)
     return handler
 
 

@@ -173,8 +173,40 @@ class Metrics:
             registry=r,
         )
 
+        self.retention_deletions = Counter(
+            "parley_retention_deleted_sessions_total",
+            "Sessions deleted because their retention expired, by outcome (deleted; incomplete: "
+            "something was left behind and is retried on the next sweep; failed: an error stopped it).",
+            ["outcome"],
+            registry=r,
+        )
+        self.retention_sweeps = Counter(
+            "parley_retention_sweeps_total",
+            "Retention sweeps, by outcome (ok, failed: the database or object store was unavailable).",
+            ["outcome"],
+            registry=r,
+        )
+
         self.spool_bytes = Gauge(
             "parley_spool_bytes", "Audio waiting in the local spool for the object store.", registry=r
+        )
+        self.upload_lag = Histogram(
+            "parley_upload_lag_seconds",
+            "From a closed segment handed to the uploader to its listing in the manifest.",
+            buckets=(0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 300, 900, 3600),
+            registry=r,
+        )
+        self.upload_oldest_pending = Gauge(
+            "parley_upload_oldest_pending_seconds",
+            "How long the oldest segment waiting for upload has waited (0 when none): grows while the "
+            "object store or the database is down.",
+            registry=r,
+        )
+        self.upload_errors = Counter(
+            "parley_upload_errors_total",
+            "Failed upload attempts (each is retried), by what failed: store, database, file.",
+            ["part"],
+            registry=r,
         )
         self.gc_pauses = GcPauses()
         r.register(self.gc_pauses)
@@ -202,6 +234,13 @@ class Metrics:
             self.sessions_active.labels(old).dec()
         if new is not None:
             self.sessions_active.labels(new).inc()
+
+    def retention_deleted(self, outcome: str) -> None:
+        """One expired session deleted (``deleted``), left incomplete, or ``failed``."""
+        self.retention_deletions.labels(outcome).inc()
+
+    def retention_swept(self, outcome: str) -> None:
+        self.retention_sweeps.labels(outcome).inc()
 
     def render(self) -> bytes:
         """The text exposition format, for ``GET /metrics``."""

@@ -4,8 +4,10 @@ moto keeps its objects in memory and the PostgreSQL server is shared, so a test 
 either. Put a :class:`TcpProxy` between the relay and the service instead: :meth:`cut` stops
 listening (new connections are refused, as from a dead host's port) and resets every open
 connection (the client's pooled connections break mid-use); :meth:`restore` listens again on the
-same port. The proxy runs its own event loop on a daemon thread, so it keeps forwarding while the
-test's loop is busy, and its methods are plain calls usable from sync and async code alike.
+same port. :meth:`throttle` makes it slow instead (a congested link: every connection, each way,
+at most so many bytes per second) until ``throttle(None)``. The proxy runs its own event loop on
+a daemon thread, so it keeps forwarding while the test's loop is busy, and its methods are plain
+calls usable from sync and async code alike.
 """
 
 from __future__ import annotations
@@ -15,7 +17,7 @@ import contextlib
 import socket
 import struct
 import threading
-from collections.abc import Coroutine
+from collections.abc import Callable, Coroutine
 from typing import Any, TypeVar
 
 __all__ = ["TcpProxy"]
@@ -23,6 +25,7 @@ __all__ = ["TcpProxy"]
 _T = TypeVar("_T")
 _CALL_TIMEOUT_S = 10.0
 _READ_BYTES = 64 * 1024
+_THROTTLED_READ_BYTES = 1024
 
 
 def _reset(writer: asyncio.StreamWriter) -> None:
@@ -34,11 +37,19 @@ def _reset(writer: asyncio.StreamWriter) -> None:
     writer.transport.abort()
 
 
-async def _copy(src: asyncio.StreamReader, dst: asyncio.StreamWriter) -> None:
+async def _copy(
+    src: asyncio.StreamReader, dst: asyncio.StreamWriter, rate: Callable[[], float | None] = lambda: None
+) -> None:
     try:
-        while data := await src.read(_READ_BYTES):
+        while True:
+            limit = rate()
+            data = await src.read(_THROTTLED_READ_BYTES if limit else _READ_BYTES)
+            if not data:
+                break
             dst.write(data)
             await dst.drain()
+            if limit:
+                await asyncio.sleep(len(data) / limit)
         if dst.can_write_eof():
             dst.write_eof()  # pass a half-close on: the other direction may still be talking
     except (ConnectionError, OSError):
@@ -56,6 +67,7 @@ class TcpProxy:
         self.port = port
         self.accepted = 0
         self.resets = 0
+        self._rate: float | None = None
         self._loop: asyncio.AbstractEventLoop | None = None
         self._thread: threading.Thread | None = None
         self._server: asyncio.Server | None = None
@@ -84,6 +96,13 @@ class TcpProxy:
     def restore(self) -> None:
         """Listen again on the same port."""
         self._call(self._listen())
+
+    def throttle(self, bytes_per_s: float | None) -> None:
+        """Forward at most ``bytes_per_s`` per connection and direction (``None``: full speed again).
+
+        Applies to open connections too, from their next read on.
+        """
+        self._rate = bytes_per_s if bytes_per_s and bytes_per_s > 0 else None
 
     def close(self) -> None:
         """Cut and stop the thread; idempotent."""
@@ -143,7 +162,8 @@ class TcpProxy:
             self._open.add(pair)
             self.accepted += 1
             try:
-                await asyncio.gather(_copy(reader, up_writer), _copy(up_reader, writer))
+                rate = lambda: self._rate  # noqa: E731 (read on every chunk: throttle() applies at once)
+                await asyncio.gather(_copy(reader, up_writer, rate), _copy(up_reader, writer, rate))
             finally:
                 if pair in self._open:
                     self._open.discard(pair)

@@ -16,8 +16,18 @@ from tests.conftest import FAST_PASSWORDS
 
 
 @pytest.fixture
+def app_env() -> dict[str, str]:
+    """More settings for ``both_client`` (e.g. ``PARLEY_RETENTION_DAYS``); override it in a test module."""
+    return {}
+
+
+@pytest.fixture
 async def both_client(
-    request: pytest.FixtureRequest, database_url: str, aiohttp_client: AiohttpClient, tmp_path: Path
+    request: pytest.FixtureRequest,
+    database_url: str,
+    aiohttp_client: AiohttpClient,
+    tmp_path: Path,
+    app_env: dict[str, str],
 ) -> TestClient:  # type: ignore[type-arg]
     """The whole app on SQLite with the local object store, and on PostgreSQL with S3 (moto)."""
     if database_url.startswith("sqlite"):
@@ -29,6 +39,7 @@ async def both_client(
             "PARLEY_DATA_DIR": str(tmp_path / "data"),
             "PARLEY_DATABASE_URL": database_url,
             "PARLEY_OBJECT_STORE_URL": objects,
+            **app_env,
         },
         dotenv=None,
     )

@@ -16,6 +16,7 @@ from pathlib import Path
 import pytest
 
 from storage.migrate import head_revision
+from tests.leakscan import DETECTORS, find_leaks
 
 ROOT = Path(__file__).resolve().parents[2]
 PARLEY = [sys.executable, "-m", "relay"]
@@ -99,8 +100,13 @@ def test_migrate_then_serve_answers_and_stops_on_sigterm(
     proc.send_signal(signal.SIGTERM)
     assert proc.wait(timeout=30) == 0
     assert proc.stderr is not None
-    for log_line in proc.stderr.read().splitlines():
-        json.loads(log_line)  # every log line is one JSON object
+    log_lines = proc.stderr.read().splitlines()
+    events = [json.loads(log_line)["event"] for log_line in log_lines]  # every log line is one JSON object
+    assert "serve.started" in events and "serve.stopped" in events
+    # The leak scan of the test run (tests/test_leak_scan.py) sees only this process's records; the
+    # logs of the real processes are scanned here, with the same detectors.
+    found = find_leaks("\n".join([*log_lines, *migrated.stderr.splitlines()]), "parley stderr", DETECTORS)
+    assert not found, "\n".join(map(str, found))
 
 
 def test_serve_refuses_a_database_that_was_not_migrated(tmp_path: Path) -> None:

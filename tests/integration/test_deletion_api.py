@@ -7,12 +7,13 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from aiohttp import web
+import pytest
+from aiohttp import ClientPayloadError, web
 from aiohttp.test_utils import TestClient
 from sqlalchemy import func, select
 
 from relay.keys import DATABASE, OBJECTS, SETTINGS
-from storage.deletion import delete_session, session_prefix
+from storage.deletion import delete_session, fence, session_prefix
 from storage.models import (
     AudioChunk,
     AudioRecording,
@@ -29,6 +30,7 @@ from storage.spool import Spool
 from storage.uploader import upload_segment
 from tests.api import problem, signup
 from tests.integration.recorded import PLANTED, finished_session, new_session
+from tests.integration.test_export_api import Gate
 from tests.storage.test_recorder import feed
 
 Client = TestClient[web.Request, web.Application]
@@ -138,6 +140,55 @@ async def test_a_transcript_write_after_the_fence_writes_nothing(both_client: Cl
     finally:
         await rec.aclose()
         await factory.aclose()
+
+
+async def exported_events(client: Client, session_id: str) -> list[AuditEvent]:
+    async with client.app[DATABASE].sessions() as s:
+        query = select(AuditEvent).where(
+            AuditEvent.session_id == session_id, AuditEvent.event == "session.exported"
+        )
+        return list((await s.execute(query)).scalars())
+
+
+async def test_an_export_of_a_session_being_deleted_is_not_found(both_client: Client, tmp_path: Path) -> None:
+    """Fenced, its rows not removed yet: the export answers 404 as for a deleted session."""
+    learner = await signup(both_client)
+    sid, _ = await finished_session(both_client, learner, tmp_path / "spool")
+    await fence(both_client.app[DATABASE], sid)
+    await problem(await both_client.get(f"/v1/sessions/{sid}/export", headers=learner.auth), 404, "not_found")
+    assert await exported_events(both_client, sid) == []
+
+
+async def test_an_export_under_way_when_the_session_is_fenced_is_cut(
+    both_client: Client, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The export sees the fence at its next file: the zip is never finished nor recorded as exported."""
+    learner = await signup(both_client)
+    sid, _ = await finished_session(
+        both_client, learner, tmp_path / "spool", learner_ms=4000, coach_ms=3000, segment_ms=500
+    )
+    for track in ("learner", "coach"):  # plans each track's assembly: the gate counts streaming reads
+        resp = await both_client.get(f"/v1/sessions/{sid}/audio/{track}", headers=learner.auth)
+        assert resp.status == 200 and await resp.read()
+    gate = Gate(both_client, allowed=2, monkeypatch=monkeypatch)
+    resp = await both_client.get(f"/v1/sessions/{sid}/export", headers=learner.auth)
+    assert resp.status == 200
+    await gate.blocked.wait()  # mid-stream, holding a read of the store
+    await fence(both_client.app[DATABASE], sid)
+    gate.opened.set()
+    with pytest.raises(ClientPayloadError):
+        await resp.read()
+    assert await exported_events(both_client, sid) == []
+    # An export that was finished before the fence stays recorded, ordered before the tombstone.
+    other, _ = await finished_session(both_client, learner, tmp_path / "spool2")
+    resp = await both_client.get(f"/v1/sessions/{other}/export", headers=learner.auth)
+    assert resp.status == 200 and await resp.read()
+    resp = await both_client.delete(f"/v1/sessions/{other}", headers=learner.auth)
+    assert resp.status == 204, await resp.text()
+    (exported,) = await exported_events(both_client, other)
+    async with both_client.app[DATABASE].sessions() as s:
+        tombstone = await s.get(SessionTombstone, other)
+    assert tombstone is not None and exported.at < tombstone.deleted_at
 
 
 async def test_delete_me_removes_every_session_and_the_account(both_client: Client, tmp_path: Path) -> None:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import io
 import json
 import logging
@@ -79,6 +80,47 @@ def test_library_records_keep_their_template_but_not_their_arguments(captured_lo
     output = captured_logs.getvalue()
     assert "candidate %s from %s: %s" in output
     assert_no_canaries(output)
+
+
+def test_messages_a_library_formatted_itself_keep_only_their_leading_words(
+    captured_logs: io.StringIO,
+) -> None:
+    """asyncio's "Task exception was never retrieved" carries the task and the exception's message
+    (learner text, SQL parameters): only "Task exception was never retrieved" is logged."""
+    loop = asyncio.new_event_loop()
+    try:
+        future = loop.create_future()
+        future.set_exception(ValueError(f"{CANARIES['sentence']} {CANARIES['email']}"))
+        loop.call_exception_handler(
+            {
+                "message": "Task exception was never retrieved",
+                "exception": future.exception(),
+                "future": future,
+            }
+        )
+        loop.call_exception_handler({"message": f"Exception in callback send({CANARIES['sentence']!r})"})
+    finally:
+        loop.close()
+    lines = [json.loads(line) for line in captured_logs.getvalue().splitlines()]
+    assert [(line["logger"], line["event"]) for line in lines] == [
+        ("asyncio", "Task exception was never retrieved"),
+        ("asyncio", "Exception in callback send"),
+    ]
+    assert lines[0]["error_type"] == "ValueError"
+    assert_no_canaries(captured_logs.getvalue())
+
+
+def test_object_store_client_retry_warnings_are_not_logged(captured_logs: io.StringIO) -> None:
+    """urllib3 (under minio) puts the object store's address into its retry warnings: below ERROR,
+    its records are not even created, so no handler (ours or another) can print the address."""
+    logging.getLogger("urllib3.connectionpool").warning(
+        "Retrying (%r) after connection broken by '%r': %s",
+        "Retry(total=0)",
+        f"host='{CANARIES['ip']}'",
+        "/b/k",
+    )
+    assert captured_logs.getvalue() == ""
+    assert not logging.getLogger("urllib3.connectionpool").isEnabledFor(logging.WARNING)
 
 
 def test_own_records_keep_only_allow_listed_fields(captured_logs: io.StringIO) -> None:

@@ -16,6 +16,7 @@ from tests.api import problem, signup
 SESSION_FIELDS = {
     "id", "topic_id", "status", "visibility", "created_at", "started_at", "ended_at", "duration_ms",
     "audio", "rating",
+    "retention",  # added by issue #7 (tests/integration/test_retention.py)
 }  # fmt: skip
 
 
@@ -33,6 +34,7 @@ async def test_create_session_returns_a_private_session_and_a_client_secret(clie
         "cafe-order",
     )
     assert session["audio"] == [] and session["rating"] is None
+    assert session["retention"] == {"retain": False, "retention_days": None, "expires_at": None}
     assert resp.headers["Location"] == f"/v1/sessions/{session['id']}"
     claims = client.app[TOKENS].verify_client_secret(secret["value"], session_id=session["id"])
     assert claims.user_id == learner.id and claims.scope == "webrtc"

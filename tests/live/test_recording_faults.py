@@ -293,11 +293,16 @@ def decoded_duration_ms(ogg: bytes) -> int:
     return samples * 1000 // 48000
 
 
-def spool_bytes(relay: Relay) -> float:
+def metric(relay: Relay, sample: str) -> float:
+    """The value of one sample (name with its labels, as rendered) of the relay's /metrics."""
     for line in relay.client.app[METRICS].render().decode().splitlines():
-        if line.startswith("parley_spool_bytes "):
+        if line.startswith(sample + " "):
             return float(line.split()[1])
-    raise AssertionError("no parley_spool_bytes metric")
+    raise AssertionError(f"no {sample} sample")
+
+
+def spool_bytes(relay: Relay) -> float:
+    return metric(relay, "parley_spool_bytes")
 
 
 # -- 1. object store down ---------------------------------------------------------------------------
@@ -328,6 +333,8 @@ async def test_object_store_outage_loses_no_audio_and_uploads_resume_within_5s(
         await asyncio.sleep(STORE_OUTAGE_S)
         during = await chunk_count(db, call.session_id)
         waiting = spool_bytes(relay)
+        lag_during = metric(relay, "parley_upload_oldest_pending_seconds")
+        store_errors = metric(relay, 'parley_upload_errors_total{part="store"}')
         store.restore()
         restored = loop.time()
         async with asyncio.timeout(30):
@@ -360,6 +367,9 @@ async def test_object_store_outage_loses_no_audio_and_uploads_resume_within_5s(
     )
     assert during <= before + 1, "segments were uploaded while the object store was down"
     assert waiting > 100_000, "the outage's audio should be waiting in the spool"
+    # What an operator sees: upload lag growing, failed attempts counted, lag back to 0 after.
+    assert lag_during > STORE_OUTAGE_S / 2 and store_errors >= 3, (lag_during, store_errors)
+    assert metric(relay, "parley_upload_oldest_pending_seconds") < RESUME_WITHIN_S
     tracks = await stored_tracks(db, call.session_id)
     report(
         "store outage",

@@ -108,6 +108,14 @@ def test_plain_database_schemes_map_to_async_drivers(tmp_path: Path) -> None:
         ("PARLEY_COACH_COMPLEXITY", "-1", "between 0 and 10"),
         ("PARLEY_COACH_COMPLEXITY", "max", "must be an integer"),
         ("PARLEY_OIDC_ISSUER", "ftp://idp", "http(s) URL"),
+        ("PARLEY_RETENTION_DAYS", "-1", "0 (off) or between 1 and 3650"),
+        ("PARLEY_RETENTION_DAYS", "3651", "0 (off) or between 1 and 3650"),
+        ("PARLEY_RETENTION_DAYS", "30d", "must be an integer"),
+        ("PARLEY_RETENTION_SWEEP_SECONDS", "0", "more than 0"),
+        ("PARLEY_RETENTION_SWEEP_SECONDS", "-60", "more than 0"),
+        ("PARLEY_RETENTION_SWEEP_SECONDS", "604801", "at most 604800"),
+        ("PARLEY_RETENTION_SWEEP_SECONDS", "hourly", "must be a number"),
+        ("PARLEY_RETENTION_SWEEP_SECONDS", "inf", "finite"),
     ],
 )
 def test_bad_values_fail_with_one_line_naming_the_variable(
@@ -177,3 +185,21 @@ def test_coach_complexity_defaults_to_5_and_reads_0_to_10(
     """PARLEY_COACH_COMPLEXITY is the coach encoder's Opus complexity: 5 unless set, 0..10 accepted."""
     values = {} if raw is None else {"PARLEY_COACH_COMPLEXITY": raw}
     assert Settings.from_env(env(tmp_path, **values), dotenv=None).coach_complexity == expected
+
+
+@pytest.mark.parametrize(
+    ("values", "days", "sweep_s"),
+    [
+        ({}, None, 3600.0),
+        ({"PARLEY_RETENTION_DAYS": "0"}, None, 3600.0),
+        ({"PARLEY_RETENTION_DAYS": ""}, None, 3600.0),
+        ({"PARLEY_RETENTION_DAYS": "30", "PARLEY_RETENTION_SWEEP_SECONDS": "600"}, 30, 600.0),
+        ({"PARLEY_RETENTION_DAYS": "3650", "PARLEY_RETENTION_SWEEP_SECONDS": "0.5"}, 3650, 0.5),
+    ],
+)
+def test_retention_is_off_unless_set(
+    tmp_path: Path, values: dict[str, str], days: int | None, sweep_s: float
+) -> None:
+    """PARLEY_RETENTION_DAYS unset or 0 means off (None); the sweep runs hourly unless told otherwise."""
+    s = Settings.from_env(env(tmp_path, **values), dotenv=None)
+    assert (s.retention_days, s.retention_sweep_s) == (days, sweep_s)
