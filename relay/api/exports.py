@@ -293,8 +293,11 @@ async def export_session(request: web.Request) -> web.StreamResponse:
         zs.discard()
         abort_started_response(request)
         return response
-    except Exception:
-        log.warning("export.aborted", extra={"session_id": session.id, "kind": "session"}, exc_info=True)
+    except Exception as exc:  # a failing store mid-stream: expected, so its class, not its text
+        log.warning(
+            "export.aborted",
+            extra={"session_id": session.id, "kind": "session", "error_type": type(exc).__name__},
+        )
         zs.discard()
         abort_started_response(request)
         return response
@@ -356,8 +359,11 @@ async def export_account(request: web.Request) -> web.StreamResponse:
         zs.discard()
         abort_started_response(request)
         return response
-    except Exception:
-        log.warning("export.aborted", extra={"kind": "account", "count": len(exported)}, exc_info=True)
+    except Exception as exc:
+        log.warning(
+            "export.aborted",
+            extra={"kind": "account", "count": len(exported), "error_type": type(exc).__name__},
+        )
         zs.discard()
         abort_started_response(request)
         return response
