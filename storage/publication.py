@@ -21,6 +21,7 @@ from sqlalchemy.ext.asyncio import AsyncSession
 
 from storage import audit
 from storage.models import AudioChunk, AudioRecording, ClientSecret, Session, SessionStatus, utcnow
+from storage.sessions import mark_used
 
 __all__ = [
     "CONFIRMATION_SCOPE",
@@ -79,20 +80,7 @@ async def record_confirmation(
 
 async def redeem_confirmation(s: AsyncSession, *, jti: str, session_id: str) -> bool:
     """Mark a confirmation used, atomically; False when it is unknown, used, expired or another's."""
-    now = utcnow()
-    result = await s.execute(
-        update(ClientSecret)
-        .where(
-            ClientSecret.jti == jti,
-            ClientSecret.session_id == session_id,
-            ClientSecret.scope == CONFIRMATION_SCOPE,
-            ClientSecret.used_at.is_(None),
-            ClientSecret.expires_at > now,
-        )
-        .values(used_at=now)
-        .execution_options(synchronize_session=False)
-    )
-    return result.rowcount == 1  # type: ignore[attr-defined,no-any-return]
+    return await mark_used(s, jti=jti, session_id=session_id, scope=CONFIRMATION_SCOPE)
 
 
 async def publish(s: AsyncSession, session_id: str, *, user_hash: str | None) -> str:

@@ -103,22 +103,28 @@ async def record_client_secret(s: AsyncSession, *, jti: str, session_id: str, ex
     await s.flush()
 
 
-async def redeem_client_secret(s: AsyncSession, *, jti: str, session_id: str) -> Redemption:
-    """Mark a secret used, atomically: of two concurrent redemptions exactly one gets ``OK``."""
+async def mark_used(s: AsyncSession, *, jti: str, session_id: str, scope: str) -> bool:
+    """Mark a stored secret of ``scope`` used, atomically: of two concurrent calls exactly one gets
+    True; False when it is unknown, already used, expired, or another session's or scope's."""
     now = utcnow()
     result = await s.execute(
         update(ClientSecret)
         .where(
             ClientSecret.jti == jti,
             ClientSecret.session_id == session_id,
-            ClientSecret.scope == "webrtc",  # the table also holds publication confirmations
+            ClientSecret.scope == scope,  # the table holds WebRTC secrets and publication confirmations
             ClientSecret.used_at.is_(None),
             ClientSecret.expires_at > now,
         )
         .values(used_at=now)
         .execution_options(synchronize_session=False)
     )
-    if result.rowcount == 1:  # type: ignore[attr-defined]
+    return result.rowcount == 1  # type: ignore[attr-defined,no-any-return]
+
+
+async def redeem_client_secret(s: AsyncSession, *, jti: str, session_id: str) -> Redemption:
+    """Mark a secret used, atomically: of two concurrent redemptions exactly one gets ``OK``."""
+    if await mark_used(s, jti=jti, session_id=session_id, scope="webrtc"):
         return Redemption.OK
     row = (
         await s.execute(
