@@ -36,6 +36,7 @@ from relay.config import ConfigError, Settings
 from relay.keys import (
     AUTHENTICATOR,
     DATABASE,
+    JOBS,
     LIMITS,
     LIVE,
     LOOP_LAG,
@@ -58,6 +59,8 @@ from relay.security.principals import Authenticator
 from relay.security.tokens import TokenService
 from relay.session.registry import SessionRegistry
 from relay.upstream import open_upstream
+from relay.worker.jobs import Worker
+from relay.worker.kinds import default_kinds
 from relay.worker.retention import RetentionSweeper
 from storage import migrate
 from storage.db import Database, DatabaseUnavailable
@@ -104,6 +107,7 @@ def build_app(settings: Settings, *, passwords: PasswordHasher | None = None) ->
     app.cleanup_ctx.append(_upstream)
     app.cleanup_ctx.append(_live_sessions)
     app.cleanup_ctx.append(_retention)
+    app.cleanup_ctx.append(_jobs)
     for module in (
         ops, auth, topics, sessions, signaling, transcripts, recordings, publication, exports, deletion
     ):  # fmt: skip
@@ -266,6 +270,23 @@ async def _retention(app: web.Application) -> AsyncIterator[None]:
         yield
     finally:
         await sweeper.aclose()
+
+
+async def _jobs(app: web.Application) -> AsyncIterator[None]:
+    """The in-process job worker (``PARLEY_WORKERS_IN_PROCESS`` slots; 0: none). Closed first, before
+    live sessions drain: jobs of sessions that end during the drain wait in the queue for the next
+    start or for a `parley worker`, and a job still running is given back to the queue."""
+    slots = app[SETTINGS].workers_in_process
+    if slots == 0:
+        yield
+        return
+    worker = Worker(app[DATABASE], app[OBJECTS], default_kinds(), metrics=app[METRICS], concurrency=slots)
+    app[JOBS] = worker
+    worker.start()
+    try:
+        yield
+    finally:
+        await worker.aclose()
 
 
 async def _recover(app: web.Application, spool: Spool) -> None:

@@ -29,6 +29,7 @@ MAX_CLIENT_SECRET_TTL_S: Final = 600
 # Longest retention a deployment or a session may set (ten years).
 MAX_RETENTION_DAYS: Final = 3650
 MAX_RETENTION_SWEEP_S: Final = 7 * 86400
+MAX_WORKERS_IN_PROCESS: Final = 16
 
 
 class ConfigError(ValueError):
@@ -113,6 +114,8 @@ class Settings:
     # PARLEY_RETENTION_DAYS unset or 0). A session's own choice (retain, retention_days) wins.
     retention_days: int | None = None
     retention_sweep_s: float = 3600.0
+    # Post-processing jobs run concurrently inside `parley serve` (0: only `parley worker` runs them).
+    workers_in_process: int = 1
 
     def __post_init__(self) -> None:
         # Derived defaults depend on data_dir; frozen dataclasses need object.__setattr__ for them.
@@ -184,6 +187,11 @@ class Settings:
                 "PARLEY_RETENTION_SWEEP_SECONDS",
                 f"must be more than 0 and at most {MAX_RETENTION_SWEEP_S} seconds",
             )
+        if not 0 <= self.workers_in_process <= MAX_WORKERS_IN_PROCESS:
+            raise ConfigError(
+                "PARLEY_WORKERS_IN_PROCESS",
+                f"must be between 0 (off) and {MAX_WORKERS_IN_PROCESS}, got {self.workers_in_process}",
+            )
         for variable, value in (
             ("PARLEY_MAX_SESSIONS", self.max_sessions),
             ("PARLEY_SESSIONS_PER_MINUTE", self.session_create_per_minute),
@@ -201,7 +209,7 @@ class Settings:
             f"model={self.model!r}, log_level={self.log_level!r}, "
             f"oidc_issuer={self.oidc_issuer!r}, admin_emails=<{len(self.admin_emails)}>, "
             f"ice_servers=<{len(self.ice_servers)}>, max_sessions={self.max_sessions}, "
-            f"retention_days={self.retention_days})"
+            f"retention_days={self.retention_days}, workers_in_process={self.workers_in_process})"
         )
 
     @property
@@ -279,6 +287,7 @@ class Settings:
             retention_sweep_s=_float(
                 "PARLEY_RETENTION_SWEEP_SECONDS", get("PARLEY_RETENTION_SWEEP_SECONDS"), 3600.0
             ),
+            workers_in_process=_int("PARLEY_WORKERS_IN_PROCESS", get("PARLEY_WORKERS_IN_PROCESS"), 1),
         )
 
 

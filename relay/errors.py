@@ -13,6 +13,7 @@
     ├── DependencyError             a dependency failed; ``retryable`` says if trying again may help
     │   ├── StorageError            database or object store
     │   └── UpstreamError           the Realtime upstream (OpenAI or the simulator)
+    ├── JobError                    a post-processing job failed; ``retryable`` says if a later try may help
     └── ... later issues add their own leaves here
 
 Whether to retry is decided by the pure function :func:`is_retryable`, never ad hoc.
@@ -28,6 +29,7 @@ __all__ = [
     "Conflict",
     "DependencyError",
     "Forbidden",
+    "JobError",
     "NotFound",
     "RateLimited",
     "RelayError",
@@ -106,9 +108,22 @@ class UpstreamError(DependencyError):
     code = "upstream_unavailable"
 
 
+class JobError(RelayError):
+    """A job handler's failure (``relay.worker.jobs``): retried with backoff, or dead at once.
+
+    ``code`` is what ``parley jobs list`` shows and metrics count: a short fixed string, never content.
+    """
+
+    code = "job_failed"
+
+    def __init__(self, detail: str, *, retryable: bool, code: str | None = None) -> None:
+        super().__init__(detail, code=code)
+        self.retryable = retryable
+
+
 def is_retryable(exc: BaseException) -> bool:
     """True when the same operation may succeed if tried again later."""
-    if isinstance(exc, DependencyError):
+    if isinstance(exc, (DependencyError, JobError)):
         return exc.retryable
     if isinstance(exc, RelayError):
         return False

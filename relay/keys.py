@@ -15,6 +15,7 @@ from relay.security.principals import Authenticator
 from relay.security.tokens import TokenService
 from relay.session.registry import SessionRegistry
 from relay.upstream import Upstream
+from relay.worker.jobs import Worker
 from relay.worker.retention import RetentionSweeper
 from storage.db import Database
 from storage.objects import ObjectStore
@@ -33,5 +34,7 @@ REGISTRY = web.AppKey("registry", SessionRegistry)
 RECORDERS = web.AppKey("recorders", RecorderFactory)
 LOOP_LAG = web.AppKey("loop_lag", LoopLagMonitor)
 RETENTION = web.AppKey("retention", RetentionSweeper)
+# Set only while `parley serve` runs post-processing jobs itself (PARLEY_WORKERS_IN_PROCESS > 0).
+JOBS = web.AppKey("jobs", Worker)
 # The main tasks of live sessions, so shutdown can wait for them.
 LIVE = web.AppKey[set[asyncio.Task[None]]]("live_tasks")

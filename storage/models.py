@@ -41,6 +41,7 @@ __all__ = [
     "Base",
     "ClientSecret",
     "Job",
+    "JobStatus",
     "Rating",
     "Session",
     "SessionStatus",
@@ -318,6 +319,18 @@ class ClientSecret(Base):
     created_at: Mapped[datetime] = mapped_column(default=utcnow)
 
 
+class JobStatus:
+    """The states of a job (``storage.jobs``): ``queued`` -> ``running`` -> ``done``, or back to
+    ``queued`` (retry, expired lease), or ``dead`` (out of attempts, or a fatal error) until an
+    operator retries it."""
+
+    QUEUED: Final = "queued"
+    RUNNING: Final = "running"
+    DONE: Final = "done"
+    DEAD: Final = "dead"
+    ALL: Final = ("queued", "running", "done", "dead")
+
+
 class Job(Base):
     """Post-processing work, claimed with a lease so a crashed worker's job is taken again."""
 
@@ -333,11 +346,14 @@ class Job(Base):
     lease_expires_at: Mapped[datetime | None]
     locked_by: Mapped[str | None] = mapped_column(String(64))
     last_error_code: Mapped[str | None] = mapped_column(String(64))
+    # Handler runs begun (``attempts`` counts claims): a claim whose lease was lost, or whose session
+    # was fenced, before its handler began is not a run. One per done job unless a lease ran out mid-run.
+    runs: Mapped[int] = mapped_column(Integer, default=0, server_default="0")
     created_at: Mapped[datetime] = mapped_column(default=utcnow)
     updated_at: Mapped[datetime] = mapped_column(default=utcnow, onupdate=utcnow)
 
     __table_args__ = (
-        CheckConstraint(_in("status", ("queued", "running", "done", "dead")), name="status"),
+        CheckConstraint(_in("status", JobStatus.ALL), name="status"),
         # The claim query: runnable jobs in order of due time.
         Index("ix_jobs_claim", "status", "run_after"),
         UniqueConstraint("kind", "session_id", name="uq_jobs_kind_session"),

@@ -16,7 +16,7 @@ from enum import StrEnum
 from sqlalchemy import and_, or_, select, update
 from sqlalchemy.ext.asyncio import AsyncSession
 
-from storage import audit
+from storage import audit, jobs
 from storage.models import AudioRecording, ClientSecret, Session, SessionStatus, TranscriptSegment, utcnow
 
 __all__ = [
@@ -151,7 +151,9 @@ async def transition(
 ) -> str | None:
     """Move a session to ``to_status`` with its audit event; returns the previous status (None if gone).
 
-    Sets ``started_at`` on the first ``live`` and ``ended_at``/``duration_ms`` on ``ended``.
+    Sets ``started_at`` on the first ``live`` and ``ended_at``/``duration_ms`` on ``ended``. Moving
+    to ``ended`` also enqueues the session's ``finalize`` job (post-processing) in the same
+    transaction, so no ended session is ever left without one.
     """
     session = (
         await s.execute(select(Session).where(Session.id == session_id).with_for_update())
@@ -181,6 +183,8 @@ async def transition(
         to_status=to_status,
         code=code,
     )
+    if to_status == SessionStatus.ENDED:
+        await jobs.enqueue(s, jobs.FINALIZE, session_id)
     return previous
 
 

@@ -9,6 +9,9 @@ from typing import Any
 from aiohttp.test_utils import TestClient
 
 PASSWORD = "correct horse battery"
+#: A session that ended is finalized by the job worker moments later (``ended -> processing ->
+#: processed``): a test that looks after the end may see any of these.
+ENDED_OR_LATER = ("ended", "processing", "processed")
 
 
 @dataclass

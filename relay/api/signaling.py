@@ -18,7 +18,7 @@ from relay.api.deps import current_principal, owned_session
 from relay.api.views import session_view
 from relay.browser.sdp import InvalidOffer, validate_offer
 from relay.errors import Conflict, NotFound
-from relay.keys import DATABASE, LIVE, METRICS, RECORDERS, REGISTRY, SETTINGS, TOKENS, UPSTREAM
+from relay.keys import DATABASE, JOBS, LIVE, METRICS, RECORDERS, REGISTRY, SETTINGS, TOKENS, UPSTREAM
 from relay.observability.logging import hash_id
 from relay.security.principals import bearer_token
 from relay.security.tokens import CLIENT_SECRET_EXPIRED, CLIENT_SECRET_USED, ClientSecretError
@@ -106,6 +106,8 @@ def _start_live(app: web.Application, spec: SessionSpec) -> LiveSession:
     async def write_state(session_id: str, status: str, code: str | None) -> None:
         async with db.sessions.begin() as s:
             await sessions.transition(s, session_id, status, user_hash=user_hash, code=code)
+        if status == SessionStatus.ENDED:
+            _wake_jobs(app)  # ending enqueued the session's finalize job
 
     live = LiveSession(
         spec,
@@ -164,9 +166,17 @@ async def end_session(request: web.Request) -> web.Response:
             await sessions.transition(
                 s, session_id, SessionStatus.ENDED, user_hash=hash_id(principal.user_id), code="ended_by_user"
             )
+        _wake_jobs(request.app)
     async with db.sessions() as s:
         row = await owned_session(s, session_id, principal.user_id)
         audio = await sessions.recordings(s, [row.id])
     return web.json_response(
         session_view(row, audio.get(row.id, ()), default_retention_days=request.app[SETTINGS].retention_days)
     )
+
+
+def _wake_jobs(app: web.Application) -> None:
+    """Let this process's job worker (if it runs one) claim the job just enqueued without waiting."""
+    worker = app.get(JOBS)
+    if worker is not None:
+        worker.wake()

@@ -11,7 +11,7 @@ import bisect
 import gc
 import itertools
 import time
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 from typing import Final
 
 from prometheus_client import (
@@ -38,6 +38,7 @@ FIRST_RESPONSE_BUCKETS: Final = (
 INBOUND_LATENCY_BUCKETS: Final = (0.001, 0.002, 0.005, 0.01, 0.02, 0.03, 0.04, 0.06, 0.08, 0.1, 0.2, 0.5, 1.0)
 GC_PAUSE_BUCKETS: Final = (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0)
 GC_GENERATIONS: Final = 3
+JOB_BUCKETS: Final = (0.01, 0.05, 0.1, 0.5, 1.0, 5.0, 15.0, 60.0, 300.0, 900.0, 3600.0)
 
 
 class GcPauses(Collector):
@@ -187,6 +188,54 @@ class Metrics:
             registry=r,
         )
 
+        self.jobs = Gauge(
+            "parley_jobs",
+            "Post-processing jobs in the queue, by kind and status (queued, running, dead: waiting for an "
+            "operator's `parley jobs retry`), as last counted by this process's worker; every worker "
+            "reports the same numbers, so aggregate with max, not sum.",
+            ["kind", "status"],
+            registry=r,
+        )
+        self.job_duration = Histogram(
+            "parley_job_duration_seconds",
+            "How long one run of a job took, from claim to its outcome, by kind and outcome.",
+            ["kind", "outcome"],
+            buckets=JOB_BUCKETS,
+            registry=r,
+        )
+        self.job_wait = Histogram(
+            "parley_job_wait_seconds",
+            "How long a job waited between being due (enqueued, or its backoff over) and its claim.",
+            ["kind"],
+            buckets=JOB_BUCKETS,
+            registry=r,
+        )
+        self.job_outcomes = Counter(
+            "parley_job_outcomes_total",
+            "Job runs by kind and outcome: done, retried (queued again after a backoff), dead (out of "
+            "attempts or fatal), fenced (session deleted), lease_lost (another worker took it over), "
+            "released (this worker stopped), failed_to_record (the database refused the outcome).",
+            ["kind", "outcome"],
+            registry=r,
+        )
+        self.job_retries = Counter(
+            "parley_job_retries_total",
+            "Failed job runs queued again after a backoff, by kind.",
+            ["kind"],
+            registry=r,
+        )
+        self.job_dead_letters = Counter(
+            "parley_job_dead_letters_total",
+            "Jobs that went dead (out of attempts, a fatal error, or their workers kept dying), by kind.",
+            ["kind"],
+            registry=r,
+        )
+        self.job_poll_errors = Counter(
+            "parley_job_poll_errors_total",
+            "Worker polls (claim or queue count) that failed, e.g. while the database was down.",
+            registry=r,
+        )
+
         self.spool_bytes = Gauge(
             "parley_spool_bytes", "Audio waiting in the local spool for the object store.", registry=r
         )
@@ -241,6 +290,27 @@ class Metrics:
 
     def retention_swept(self, outcome: str) -> None:
         self.retention_sweeps.labels(outcome).inc()
+
+    def job_claimed(self, kind: str, waited_s: float) -> None:
+        self.job_wait.labels(kind).observe(max(0.0, waited_s))
+
+    def job_finished(self, kind: str, outcome: str, seconds: float) -> None:
+        """One run of a job ended with ``outcome`` (see ``parley_job_outcomes_total``)."""
+        self.job_outcomes.labels(kind, outcome).inc()
+        self.job_duration.labels(kind, outcome).observe(seconds)
+        if outcome == "retried":
+            self.job_retries.labels(kind).inc()
+        elif outcome == "dead":
+            self.job_dead_letters.labels(kind).inc()
+
+    def job_poll_failed(self) -> None:
+        self.job_poll_errors.inc()
+
+    def job_depth(self, counts: dict[tuple[str, str], int], kinds: Iterable[str]) -> None:
+        """Set ``parley_jobs`` from a count by (kind, status); kinds and statuses not in it are 0."""
+        for kind in {*kinds, *(k for k, _ in counts)}:
+            for status in ("queued", "running", "dead"):
+                self.jobs.labels(kind, status).set(counts.get((kind, status), 0))
 
     def render(self) -> bytes:
         """The text exposition format, for ``GET /metrics``."""

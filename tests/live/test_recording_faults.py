@@ -35,7 +35,7 @@ from storage import migrate
 from storage.db import Database
 from storage.models import AudioChunk, AudioGap, AudioRecording, Session, TranscriptSegment
 from storage.objects import open_object_store
-from tests.api import Learner, signup
+from tests.api import ENDED_OR_LATER, Learner, signup
 from tests.fakes.relay_process import RelayProcess, relay_env
 from tests.fakes.rtc_client import RtcClient, speech_like
 from tests.fakes.sim_tap import SimFinal, TappedSimulator, coach_audio_ms, finals_in_order
@@ -641,7 +641,7 @@ async def test_client_vanishing_without_goodbye_ends_the_recording_at_grace_expi
     async with asyncio.timeout(30):
         while True:
             resp = await relay.client.get(f"/v1/sessions/{call.session_id}", headers=call.learner.auth)
-            if (await resp.json())["status"] == "ended":
+            if (await resp.json())["status"] in ENDED_OR_LATER:
                 break
             await asyncio.sleep(0.1)
     ended_s = time.monotonic() - vanished_at

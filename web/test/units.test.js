@@ -199,7 +199,7 @@ describe('messages', () => {
     expect(eventErrorMessage({ code: 'upstream_retrying', message: 'x' })).toMatch(/Reconnecting/);
     expect(eventErrorMessage({ code: 'upstream_unavailable' })).toMatch(/saved/);
     expect(eventErrorMessage({ code: 'new_code', message: 'Server says hi.' })).toBe('Server says hi.');
-    expect(statusLabel('processing_failed')).toBe('Rating failed');
+    expect(statusLabel('processing_failed')).toBe('Processing failed');
     expect(statusLabel('unknown_state')).toBe('unknown_state');
   });
 });

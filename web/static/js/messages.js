@@ -165,9 +165,9 @@ const STATUS_LABELS = {
   reconnecting: 'Reconnecting',
   ending: 'Ending',
   ended: 'Ended',
-  processing: 'Being rated',
-  processed: 'Rated',
-  processing_failed: 'Rating failed',
+  processing: 'Being processed',
+  processed: 'Ready',
+  processing_failed: 'Processing failed',
   interrupted: 'Interrupted',
   failed: "Didn't start",
 };

@@ -1,0 +1,68 @@
+"""The ``finalize`` job: an ended session goes ``processing``, through its steps, then ``processed``.
+
+Every session that ends gets one (:func:`storage.sessions.transition` enqueues it in the same
+transaction). It moves the session ``ended -> processing``, runs the post-processing steps it was
+built with in order (none yet: rating and assembly are the steps that slot in here), then
+``processing -> processed``. Each move goes through :func:`storage.sessions.transition` in the
+job's fenced transaction, so it is audited and never touches a session that is being deleted.
+
+Idempotent: a session already ``processed`` is left as it is, one still ``processing`` (a run that
+crashed midway) goes on from there, and steps must be idempotent too. When the job goes dead the
+session goes ``processing_failed``; its audio and transcript are untouched either way, and an
+operator's ``parley jobs retry`` takes it through again. Sessions in any other state (``interrupted``
+by a relay that died, say) are not post-processed: the job ends without writing.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Sequence
+from typing import Final
+
+from sqlalchemy import select
+from sqlalchemy.ext.asyncio import AsyncSession
+
+from relay.worker.jobs import Handler, JobContext, JobKind
+from storage import jobs, sessions
+from storage.models import Session, SessionStatus
+
+__all__ = ["finalize_kind"]
+
+log = logging.getLogger("relay.worker.finalize")
+
+#: Where finalize starts from: just ended, a run that stopped midway, or an operator's retry after it died.
+STARTS_FROM: Final = frozenset(
+    {SessionStatus.ENDED, SessionStatus.PROCESSING, SessionStatus.PROCESSING_FAILED}
+)
+
+
+def finalize_kind(steps: Sequence[Handler] = ()) -> JobKind:
+    """The ``finalize`` job kind, running ``steps`` (idempotent handlers) between the two moves."""
+
+    async def run(ctx: JobContext) -> None:
+        sid = ctx.session_id
+        async with ctx.transaction() as s:
+            status = await _status(s, sid)
+            if status == SessionStatus.PROCESSED:
+                return  # done before: running it again changes nothing
+            if status not in STARTS_FROM:
+                log.info("finalize.skipped", extra={"session_id": sid, "status": status})
+                return
+            await sessions.transition(s, sid, SessionStatus.PROCESSING)
+        for step in steps:
+            await step(ctx)
+        async with ctx.transaction() as s:
+            if await _status(s, sid) == SessionStatus.PROCESSING:
+                await sessions.transition(s, sid, SessionStatus.PROCESSED)
+
+    async def on_dead(ctx: JobContext, code: str) -> None:
+        sid = ctx.session_id
+        async with ctx.transaction() as s:
+            if await _status(s, sid) in (SessionStatus.ENDED, SessionStatus.PROCESSING):
+                await sessions.transition(s, sid, SessionStatus.PROCESSING_FAILED, code=code)
+
+    return JobKind(jobs.FINALIZE, run, on_dead=on_dead)
+
+
+async def _status(s: AsyncSession, session_id: str) -> str | None:
+    return (await s.execute(select(Session.status).where(Session.id == session_id))).scalar_one_or_none()
