@@ -50,6 +50,7 @@ from relay.keys import (
     TOKENS,
     UPSTREAM,
 )
+from relay.observability.logging import log_failure
 from relay.observability.looplag import LoopLagMonitor
 from relay.observability.metrics import Metrics
 from relay.security.limits import Limits
@@ -67,6 +68,7 @@ from storage.db import Database, DatabaseUnavailable
 from storage.objects import ObjectStoreError, open_object_store
 from storage.recorder import SpoolRecorderFactory, recover_spool
 from storage.spool import Spool
+from storage.uploader import RETRYABLE
 
 __all__ = ["build_app"]
 
@@ -292,8 +294,8 @@ async def _jobs(app: web.Application) -> AsyncIterator[None]:
 async def _recover(app: web.Application, spool: Spool) -> None:
     try:
         recovered = await recover_spool(app[DATABASE], app[OBJECTS], spool.root, spool=spool)
-    except Exception:
-        log.exception("recorder.recovery_failed")
+    except Exception as exc:
+        log_failure(log, "recorder.recovery_failed", exc, expected=RETRYABLE)
         return
     if recovered:
         log.warning("recorder.recovered", extra={"sessions": len(recovered)})

@@ -28,6 +28,7 @@ __all__ = [
     "configure_logging",
     "hash_id",
     "json_handler",
+    "log_failure",
     "scrub",
     "set_levels",
 ]
@@ -172,3 +173,20 @@ class ContextLogger(logging.LoggerAdapter[logging.Logger]):
     def process(self, msg: Any, kwargs: Any) -> tuple[Any, Any]:
         kwargs["extra"] = {**(self.extra or {}), **(kwargs.get("extra") or {})}
         return msg, kwargs
+
+
+def log_failure(
+    logger: logging.Logger | logging.LoggerAdapter[logging.Logger],
+    event: str,
+    exc: BaseException,
+    *,
+    expected: tuple[type[BaseException], ...],
+    extra: Mapping[str, object] | None = None,
+) -> None:
+    """Log a failure of a background loop: an ``expected`` one (a dependency is down) by its class
+    only, since its text names hosts and ports; anything else with its traceback, to be fixed."""
+    fields = dict(extra or {})
+    if isinstance(exc, expected):
+        logger.warning(event, extra={**fields, "error_type": type(exc).__name__})
+    else:
+        logger.error(event, extra=fields, exc_info=exc)

@@ -27,13 +27,14 @@ from relay.config import Settings
 from relay.errors import Conflict, NotFound
 from relay.model import protocol
 from relay.model.link import LinkStatus, ModelLink, UpstreamFatal
-from relay.observability.logging import ContextLogger
+from relay.observability.logging import ContextLogger, log_failure
 from relay.observability.metrics import Metrics
 from relay.session.downlink import Downlink
 from relay.session.uplink import UpstreamClock, run_uplink
 from relay.upstream import Upstream
 from storage.models import SessionStatus
 from storage.ports import SessionRecorder, Speaker
+from storage.uploader import RETRYABLE
 
 __all__ = ["LiveSession", "SessionSpec"]
 
@@ -355,8 +356,10 @@ class LiveSession:
             self._send({"type": "session.state", "status": new})
             try:
                 await self._write_state(self.id, new, code)
-            except Exception:  # the database is briefly down: the live session goes on
-                self._log.exception("session.state_write_failed", extra={"status": new})
+            except Exception as exc:  # the database is briefly down: the live session goes on
+                log_failure(
+                    self._log, "session.state_write_failed", exc, expected=RETRYABLE, extra={"status": new}
+                )
 
     def _spawn(self, work: Awaitable[None], role: str) -> None:
         async def guarded() -> None:

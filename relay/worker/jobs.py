@@ -37,12 +37,14 @@ from typing import Any, Final
 from sqlalchemy.ext.asyncio import AsyncSession
 
 from relay.errors import JobError, RelayError, is_retryable
+from relay.observability.logging import log_failure
 from relay.observability.metrics import Metrics
 from storage import jobs
 from storage.db import Database
 from storage.jobs import ClaimedJob, LeaseLost, Outcome, SessionFenced
 from storage.models import utcnow
 from storage.objects import ObjectStore
+from storage.uploader import RETRYABLE
 
 __all__ = ["DeadHandler", "Handler", "JobContext", "JobKind", "JobKinds", "Worker", "worker_id"]
 
@@ -229,9 +231,9 @@ class Worker:
         while True:
             try:
                 job = await self.run_once()
-            except Exception:
+            except Exception as exc:
                 # The database is down, say: this poll is lost, never the worker.
-                log.exception("jobs.poll_failed")
+                log_failure(log, "jobs.poll_failed", exc, expected=RETRYABLE)
                 self._metrics.job_poll_failed()
                 job = None
             if job is None:
@@ -249,8 +251,8 @@ class Worker:
         while True:
             try:
                 self._metrics.job_depth(await jobs.depth(self._db), self._kinds.names())
-            except Exception:
-                log.exception("jobs.depth_failed")
+            except Exception as exc:
+                log_failure(log, "jobs.depth_failed", exc, expected=RETRYABLE)
                 self._metrics.job_poll_failed()
             await asyncio.sleep(DEPTH_EVERY_S)
 
@@ -354,9 +356,11 @@ class Worker:
                 self._db, job, outcome, error_code=code, backoff_base_s=self._backoff[0],
                 backoff_cap_s=self._backoff[1],
             )  # fmt: skip
-        except Exception:
+        except Exception as exc:
             # The lease runs out and the job is claimed again: a run is never lost, at worst repeated.
-            log.exception("jobs.finish_failed", extra={"job_id": job.id, "kind": job.kind})
+            log_failure(
+                log, "jobs.finish_failed", exc, expected=RETRYABLE, extra={"job_id": job.id, "kind": job.kind}
+            )
             return _UNRECORDED
 
     async def _release(self, job: ClaimedJob, started: float) -> None:

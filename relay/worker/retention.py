@@ -21,13 +21,14 @@ from datetime import datetime
 from pathlib import Path
 from typing import Final
 
-from relay.observability.logging import hash_id
+from relay.observability.logging import hash_id, log_failure
 from relay.observability.metrics import Metrics
 from storage.db import Database
 from storage.deletion import delete_session
 from storage.models import utcnow
 from storage.objects import ObjectStore
 from storage.retention import expired_sessions, fence_if_expired
+from storage.uploader import RETRYABLE
 
 __all__ = ["RetentionSweeper"]
 
@@ -133,9 +134,11 @@ class RetentionSweeper:
             report = await delete_session(
                 self._db, self._store, self._spool_root, session_id, user_hash=user_hash, reason=REASON
             )
-        except Exception:
+        except Exception as exc:
             # The tombstone stays, so nothing writes to the session meanwhile; the next sweep retries.
-            log.exception("retention.delete_failed", extra={"session_id": session_id})
+            log_failure(
+                log, "retention.delete_failed", exc, expected=RETRYABLE, extra={"session_id": session_id}
+            )
             self._incomplete[session_id] = user_hash
             self._metrics.retention_deleted("failed")
             return False
@@ -151,9 +154,9 @@ class RetentionSweeper:
         while True:
             try:
                 await self.sweep()
-            except Exception:
+            except Exception as exc:
                 # A database or object store outage costs one sweep, never the sweeper.
-                log.exception("retention.sweep_failed")
+                log_failure(log, "retention.sweep_failed", exc, expected=RETRYABLE)
                 self._metrics.retention_swept("failed")
             else:
                 self._metrics.retention_swept("ok")
