@@ -70,7 +70,7 @@ from storage.recorder import SpoolRecorderFactory, recover_spool
 from storage.spool import Spool
 from storage.uploader import RETRYABLE
 
-__all__ = ["build_app"]
+__all__ = ["build_app", "open_database"]
 
 log = logging.getLogger("relay.app")
 
@@ -142,8 +142,8 @@ async def _garbage_collector(app: web.Application) -> AsyncIterator[None]:
     gc.unfreeze()
 
 
-async def _database(app: web.Application) -> AsyncIterator[None]:
-    settings = app[SETTINGS]
+async def open_database(settings: Settings) -> Database:
+    """The database, reachable and at this code's schema, or a ConfigError naming the variable."""
     db = Database(settings.database_url)
     try:
         try:
@@ -159,8 +159,13 @@ async def _database(app: web.Application) -> AsyncIterator[None]:
     except BaseException:
         await db.aclose()
         raise
+    return db
+
+
+async def _database(app: web.Application) -> AsyncIterator[None]:
+    db = await open_database(app[SETTINGS])
     app[DATABASE] = db
-    log.info("database.ready", extra={"backend": db.dialect, "revision": head})
+    log.info("database.ready", extra={"backend": db.dialect, "revision": migrate.head_revision()})
     yield
     await db.aclose()
 

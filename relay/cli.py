@@ -127,26 +127,10 @@ def _positive(raw: str) -> int:
 
 
 async def _open_database(settings: Settings) -> Database:
-    """The database, reachable and at this code's schema, or a ConfigError naming the variable."""
-    from storage import migrate
-    from storage.db import Database, DatabaseUnavailable
+    """The database, reachable and at this code's schema (the same check ``parley serve`` makes)."""
+    from relay.app import open_database
 
-    db = Database(settings.database_url)
-    try:
-        try:
-            await db.check()
-        except DatabaseUnavailable as exc:
-            raise ConfigError("PARLEY_DATABASE_URL", f"cannot reach the database ({exc})") from None
-        current, head = await migrate.current_revision(db), migrate.head_revision()
-        if current != head:
-            raise ConfigError(
-                "PARLEY_DATABASE_URL",
-                f"schema is at {current or 'nothing'}, this code needs {head}: run `parley migrate`",
-            )
-    except BaseException:
-        await db.aclose()
-        raise
-    return db
+    return await open_database(settings)
 
 
 async def _worker(settings: Settings, concurrency: int, metrics_port: int | None) -> None:
