@@ -2,7 +2,7 @@
 
 Every session that ends gets one (:func:`storage.sessions.transition` enqueues it in the same
 transaction). It moves the session ``ended -> processing``, runs the post-processing steps it was
-built with in order (none yet: rating and assembly are the steps that slot in here), then
+built with in order (assembly, then rating: :mod:`relay.worker.kinds`), then
 ``processing -> processed``. Each move goes through :func:`storage.sessions.transition` in the
 job's fenced transaction, so it is audited and never touches a session that is being deleted.
 
@@ -17,16 +17,20 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Sequence
+from dataclasses import dataclass
 from typing import Final
 
 from sqlalchemy import select
 from sqlalchemy.ext.asyncio import AsyncSession
 
-from relay.worker.jobs import Handler, JobContext, JobKind
+from relay.observability.logging import log_failure
+from relay.worker.jobs import DeadHandler, Handler, JobContext, JobKind
 from storage import jobs, sessions
+from storage.jobs import LeaseLost, SessionFenced
 from storage.models import Session, SessionStatus
+from storage.uploader import RETRYABLE
 
-__all__ = ["finalize_kind"]
+__all__ = ["Step", "finalize_kind"]
 
 log = logging.getLogger("relay.worker.finalize")
 
@@ -36,8 +40,22 @@ STARTS_FROM: Final = frozenset(
 )
 
 
-def finalize_kind(steps: Sequence[Handler] = ()) -> JobKind:
-    """The ``finalize`` job kind, running ``steps`` (idempotent handlers) between the two moves."""
+@dataclass(frozen=True, slots=True)
+class Step:
+    """One post-processing step of ``finalize``: an idempotent handler, and what it records when the job dies.
+
+    ``on_dead`` runs (before the session goes ``processing_failed``) for every step, also those that
+    never ran or finished before: each decides from what it finds stored, say a rating still
+    ``pending`` becomes ``failed``. A failure of its own is logged and does not stop the others.
+    """
+
+    name: str
+    run: Handler
+    on_dead: DeadHandler | None = None
+
+
+def finalize_kind(steps: Sequence[Step] = ()) -> JobKind:
+    """The ``finalize`` job kind, running ``steps`` in order between the two moves."""
 
     async def run(ctx: JobContext) -> None:
         sid = ctx.session_id
@@ -50,13 +68,28 @@ def finalize_kind(steps: Sequence[Handler] = ()) -> JobKind:
                 return
             await sessions.transition(s, sid, SessionStatus.PROCESSING)
         for step in steps:
-            await step(ctx)
+            await step.run(ctx)
         async with ctx.transaction() as s:
             if await _status(s, sid) == SessionStatus.PROCESSING:
                 await sessions.transition(s, sid, SessionStatus.PROCESSED)
 
     async def on_dead(ctx: JobContext, code: str) -> None:
         sid = ctx.session_id
+        for step in steps:
+            if step.on_dead is None:
+                continue
+            try:
+                await step.on_dead(ctx, code)
+            except (LeaseLost, SessionFenced):
+                raise
+            except Exception as exc:  # one step's bookkeeping must not keep the session from saying it failed
+                log_failure(
+                    log,
+                    "finalize.step_on_dead_failed",
+                    exc,
+                    expected=RETRYABLE,
+                    extra={"session_id": sid, "step": step.name},
+                )
         async with ctx.transaction() as s:
             if await _status(s, sid) in (SessionStatus.ENDED, SessionStatus.PROCESSING):
                 await sessions.transition(s, sid, SessionStatus.PROCESSING_FAILED, code=code)

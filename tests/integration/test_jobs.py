@@ -23,7 +23,7 @@ from relay.config import ConfigError, Settings
 from relay.errors import JobError
 from relay.keys import DATABASE, JOBS, METRICS
 from relay.observability.metrics import Metrics
-from relay.worker.finalize import finalize_kind
+from relay.worker.finalize import Step, finalize_kind
 from relay.worker.jobs import Handler, JobContext, JobKind, JobKinds, Worker
 from relay.worker.kinds import default_kinds
 from storage import jobs, migrate, sessions
@@ -117,7 +117,7 @@ def failing_step(*errors: BaseException) -> tuple[Handler, list[str]]:
 
 def finalize_with(step: Handler) -> JobKinds:
     kinds = JobKinds()
-    kinds.register(finalize_kind([step]))
+    kinds.register(finalize_kind([Step("test", step)]))
     return kinds
 
 
