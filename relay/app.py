@@ -19,6 +19,7 @@ from aiohttp import web
 from aiohttp.typedefs import Handler
 
 from relay.api import (
+    api_keys,
     auth,
     deletion,
     exports,
@@ -111,7 +112,8 @@ def build_app(settings: Settings, *, passwords: PasswordHasher | None = None) ->
     app.cleanup_ctx.append(_retention)
     app.cleanup_ctx.append(_jobs)
     for module in (
-        ops, auth, topics, sessions, signaling, transcripts, recordings, publication, exports, deletion
+        ops, auth, api_keys, topics, sessions, signaling, transcripts, recordings, publication, exports,
+        deletion,
     ):  # fmt: skip
         app.add_routes(module.routes)
     if (WEB_DIR / "index.html").is_file():

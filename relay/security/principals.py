@@ -10,15 +10,14 @@ import logging
 from dataclasses import dataclass
 from typing import Final
 
-from sqlalchemy import select, update
 from sqlalchemy.exc import IntegrityError
 
 from relay.errors import Unauthorized
 from relay.security.oidc import OidcVerifier
 from relay.security.tokens import TokenError, TokenService, hash_api_key, unverified_issuer
-from storage import accounts
+from storage import accounts, api_keys
 from storage.db import Database
-from storage.models import ApiKey, User, utcnow
+from storage.models import User
 
 __all__ = ["Authenticator", "Principal", "bearer_token"]
 
@@ -84,12 +83,10 @@ class Authenticator:
 
     async def _api_key(self, key: str) -> Principal:
         async with self._db.sessions.begin() as s:
-            row = (
-                await s.execute(select(ApiKey).where(ApiKey.key_hash == hash_api_key(key)))
-            ).scalar_one_or_none()
+            row = await api_keys.find_by_hash(s, hash_api_key(key))
             if row is None:
                 raise Unauthorized(GENERIC)
-            await s.execute(update(ApiKey).where(ApiKey.id == row.id).values(last_used_at=utcnow()))
+            await api_keys.touch(s, row)
             user = await accounts.get_user(s, row.user_id)
         if user is None:
             raise Unauthorized(GENERIC)
