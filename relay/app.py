@@ -25,6 +25,7 @@ from relay.api import (
     exports,
     ops,
     publication,
+    realtime,
     recordings,
     sessions,
     signaling,
@@ -113,7 +114,7 @@ def build_app(settings: Settings, *, passwords: PasswordHasher | None = None) ->
     app.cleanup_ctx.append(_jobs)
     for module in (
         ops, auth, api_keys, topics, sessions, signaling, transcripts, recordings, publication, exports,
-        deletion,
+        deletion, realtime,
     ):  # fmt: skip
         app.add_routes(module.routes)
     if (WEB_DIR / "index.html").is_file():

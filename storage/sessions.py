@@ -51,9 +51,15 @@ class Redemption(StrEnum):
     UNKNOWN = "unknown"
 
 
-async def create_session(s: AsyncSession, *, user_id: str, topic_id: str, user_hash: str) -> Session:
-    """A new private session in ``created``, with its audit event, in the caller's transaction."""
+async def create_session(
+    s: AsyncSession, *, user_id: str, topic_id: str, user_hash: str, session_id: str | None = None
+) -> Session:
+    """A new private session in ``created``, with its audit event, in the caller's transaction.
+
+    ``session_id`` when the caller reserved one already (a live slot is admitted under it)."""
     session = Session(user_id=user_id, topic_id=topic_id, status=SessionStatus.CREATED, visibility="private")
+    if session_id is not None:
+        session.id = session_id
     s.add(session)
     await s.flush()
     audit.record(s, "session.created", session_id=session.id, user_hash=user_hash, to_status=session.status)

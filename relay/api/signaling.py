@@ -22,6 +22,7 @@ from relay.keys import DATABASE, JOBS, LIVE, METRICS, RECORDERS, REGISTRY, SETTI
 from relay.observability.logging import hash_id
 from relay.security.principals import bearer_token
 from relay.security.tokens import CLIENT_SECRET_EXPIRED, CLIENT_SECRET_USED, ClientSecretError
+from relay.session.registry import Live
 from relay.session.session import OPEN_STATES, LiveSession, SessionSpec
 from storage import sessions, topics
 from storage.models import SessionStatus
@@ -68,7 +69,7 @@ async def offer(request: web.Request) -> web.Response:
 
     # Admission before redemption: a refused learner keeps a secret to retry with.
     registry = request.app[REGISTRY]
-    live = registry.get(session_id)
+    live = _webrtc_session(registry.get(session_id))
     reserved = live is None
     if reserved:
         registry.admit(session_id)  # CapacityError -> 503 + Retry-After
@@ -96,6 +97,13 @@ async def offer(request: web.Request) -> web.Response:
         content_type="application/sdp",
         headers={"Location": f"/v1/sessions/{session_id}/webrtc/{peer_id}", "Cache-Control": "no-store"},
     )
+
+
+def _webrtc_session(live: Live | None) -> LiveSession | None:
+    """The live WebRTC session; a session live on the Realtime socket takes no offers."""
+    if live is not None and not isinstance(live, LiveSession):
+        raise Conflict("The session is connected through the Realtime socket.", code="session_not_webrtc")
+    return live
 
 
 def _start_live(app: web.Application, spec: SessionSpec) -> LiveSession:
@@ -131,7 +139,7 @@ async def hang_up(request: web.Request) -> web.Response:
     session_id = request.match_info["session_id"]
     await _authorise_peer_control(request, session_id)
     live = request.app[REGISTRY].get(session_id)
-    if live is None:
+    if not isinstance(live, LiveSession):
         raise NotFound("No such peer.", code="peer_not_found")
     await live.close_peer(request.match_info["peer_id"])
     return web.Response(status=204)

@@ -18,8 +18,9 @@ from typing import Any
 from relay.browser.speaker import SpeakerTrack
 from relay.model import protocol
 from relay.model.link import ModelLink
+from relay.session.transcripts import TranscriptBook, heard_text
 from relay.session.uplink import UpstreamClock
-from storage.ports import SessionRecorder, Speaker, TranscriptEvent
+from storage.ports import SessionRecorder
 
 __all__ = ["Downlink"]
 
@@ -71,11 +72,9 @@ class Downlink:
         self._spawn = spawn
         self._on_barge_in = on_barge_in
         self._on_response_latency = on_response_latency
-        self._seq = 0
-        self._order: dict[str, int] = {}
+        self._book = TranscriptBook(recorder, send=send, spawn=spawn)
         self._learner: dict[str, _LearnerItem] = {}
         self._coach: dict[str, _CoachItem] = {}
-        self._last_item_id: str | None = None
         self._awaiting_answer_since: float | None = None
         self._answered_once = False
         self._handlers: dict[str, Callable[[Any], None]] = {
@@ -157,7 +156,7 @@ class Downlink:
         self._awaiting_answer_since = time.monotonic()
 
     def _on_input_audio_buffer_committed(self, event: Any) -> None:
-        self._place(event.item_id)
+        self._book.place(event.item_id)
         self._learner.setdefault(event.item_id, _LearnerItem())
 
     def _on_input_audio_transcription_delta(self, event: Any) -> None:
@@ -170,20 +169,15 @@ class Downlink:
         text = (event.transcript or "").strip()
         if not text:
             return
-        end = item.end_ms or self._now_ms()
-        segment = TranscriptEvent(
-            speaker=Speaker.LEARNER, text=text, start_ms=item.start_ms, end_ms=max(end, item.start_ms),
-            item_id=event.item_id, previous_item_id=None, seq=self._place(event.item_id),
-        )  # fmt: skip
-        self._store(segment)
+        self._book.learner(event.item_id, text, item.start_ms, item.end_ms or self._now_ms())
 
     # -- coach side ----------------------------------------------------------------------------
     def _on_response_output_item_added(self, event: Any) -> None:
         item = event.item
         if getattr(item, "role", None) != "assistant" or item.id is None:
             return
-        self._coach[item.id] = _CoachItem(previous_item_id=self._last_item_id)
-        self._place(item.id)
+        self._coach[item.id] = _CoachItem(previous_item_id=self._book.last_item_id)
+        self._book.place(item.id)
 
     def _on_response_output_audio_delta(self, event: Any) -> None:
         pcm = base64.b64decode(event.delta)
@@ -211,7 +205,7 @@ class Downlink:
             return
         item.final_text = (event.transcript or "".join(item.transcript)).strip()
         if item.final_text:
-            self._store(self._coach_segment(event.item_id, item, item.final_text, item.audio_ms))
+            self._coach_segment(event.item_id, item, item.final_text, item.audio_ms)
 
     def _on_conversation_item_truncated(self, event: Any) -> None:
         self.truncated[event.item_id] = int(event.audio_end_ms)
@@ -219,47 +213,15 @@ class Downlink:
     def _truncate(self, item_id: str, item: _CoachItem, played_ms: int) -> None:
         item.truncated = True
         full = item.final_text if item.final_text is not None else "".join(item.transcript).strip()
-        words = full.split()
-        if not words or played_ms <= 0:
-            return
-        heard = max(1, round(len(words) * min(1.0, played_ms / max(item.audio_ms, 1))))
-        self._store(self._coach_segment(item_id, item, " ".join(words[:heard]), played_ms, truncated=True))
+        text = heard_text(full, played_ms, item.audio_ms)
+        if text:
+            self._coach_segment(item_id, item, text, played_ms, truncated=True)
 
     def _coach_segment(
         self, item_id: str, item: _CoachItem, text: str, audio_ms: int, *, truncated: bool = False
-    ) -> TranscriptEvent:
+    ) -> None:
         start = item.start_ms if item.start_ms is not None else self._now_ms()
-        return TranscriptEvent(
-            speaker=Speaker.COACH, text=text, start_ms=start, end_ms=start + audio_ms, item_id=item_id,
-            previous_item_id=item.previous_item_id, seq=self._place(item_id), truncated=truncated,
+        self._book.coach(
+            item_id, text, start_ms=start, audio_ms=audio_ms, previous_item_id=item.previous_item_id,
+            truncated=truncated,
         )  # fmt: skip
-
-    # -- shared --------------------------------------------------------------------------------
-    def _place(self, item_id: str) -> int:
-        """The item's position in the conversation, assigned the first time the item is seen."""
-        seq = self._order.get(item_id)
-        if seq is None:
-            self._seq += 1
-            seq = self._order[item_id] = self._seq
-            self._last_item_id = item_id
-        return seq
-
-    def _store(self, segment: TranscriptEvent) -> None:
-        async def store() -> None:
-            segment_id = await self._recorder.transcript(segment)
-            if not segment_id:  # the session is being deleted: nothing was stored
-                return
-            self._send({"type": "transcript.final", "segment": _segment_view(segment_id, segment)})
-
-        self._spawn(store(), f"transcript:{segment.item_id}")
-
-
-def _segment_view(segment_id: str, segment: TranscriptEvent) -> dict[str, Any]:
-    return {
-        "id": segment_id,
-        "speaker": segment.speaker.value,
-        "text": segment.text,
-        "start_ms": segment.start_ms,
-        "end_ms": segment.end_ms,
-        "final": True,
-    }

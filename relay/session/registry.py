@@ -13,18 +13,26 @@ from __future__ import annotations
 import asyncio
 import logging
 from collections.abc import Callable
-from typing import TYPE_CHECKING, Final
+from typing import Final, Protocol
 
 from relay.errors import CapacityError
 
-if TYPE_CHECKING:
-    from relay.session.session import LiveSession
-
-__all__ = ["SessionRegistry"]
+__all__ = ["Live", "SessionRegistry"]
 
 log = logging.getLogger("relay.session.registry")
 
 RETRY_AFTER_S: Final = 5
+
+
+class Live(Protocol):
+    """A live session of either kind: a WebRTC LiveSession or a Realtime socket's bridge."""
+
+    @property
+    def id(self) -> str: ...
+
+    async def end(self, reason: str) -> None: ...
+
+    async def wait_ended(self) -> None: ...
 
 
 class SessionRegistry:
@@ -41,7 +49,7 @@ class SessionRegistry:
     ) -> None:
         """``loop_lag_ms`` answers the loop's recent sustained lag; above ``max_loop_lag_ms`` new
         sessions are refused with cause ``loop_lag``."""
-        self._sessions: dict[str, LiveSession] = {}
+        self._sessions: dict[str, Live] = {}
         self._max = max_sessions
         self._max_lag_ms = max_loop_lag_ms
         self._lag = loop_lag_ms
@@ -53,7 +61,7 @@ class SessionRegistry:
     def __len__(self) -> int:
         return len(self._sessions)
 
-    def get(self, session_id: str) -> LiveSession | None:
+    def get(self, session_id: str) -> Live | None:
         return self._sessions.get(session_id)
 
     @property
@@ -82,7 +90,7 @@ class SessionRegistry:
         """Give back a reservation that did not become a session."""
         self._admitting.discard(session_id)
 
-    def add(self, session: LiveSession) -> None:
+    def add(self, session: Live) -> None:
         self._admitting.discard(session.id)
         self._sessions[session.id] = session
 

@@ -1,0 +1,1 @@
+"""Integrations: the OpenAI-Realtime-compatible socket (``/v1/realtime``) that records what it relays."""
