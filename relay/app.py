@@ -24,6 +24,7 @@ from relay.api import (
     deletion,
     exports,
     ops,
+    progress,
     publication,
     realtime,
     recordings,
@@ -114,7 +115,7 @@ def build_app(settings: Settings, *, passwords: PasswordHasher | None = None) ->
     app.cleanup_ctx.append(_jobs)
     for module in (
         ops, auth, api_keys, topics, sessions, signaling, transcripts, recordings, publication, exports,
-        deletion, realtime,
+        deletion, progress, realtime,
     ):  # fmt: skip
         app.add_routes(module.routes)
     if (WEB_DIR / "index.html").is_file():

@@ -236,6 +236,20 @@ class Metrics:
             registry=r,
         )
 
+        # SC-005, the business measure: learners completing sessions that are rated positively.
+        self.sessions_processed = Counter(
+            "parley_sessions_processed_total",
+            "Sessions whose post-processing finished (processed, or processing_failed with the audio and "
+            "transcript kept), counted once per session.",
+            registry=r,
+        )
+        self.sessions_rated_positive = Counter(
+            "parley_sessions_rated_positive_total",
+            "Processed sessions whose rating counts as positive (storage.ratings.is_positive: a done rating "
+            "whose four scores average 60 or more); a subset of parley_sessions_processed_total.",
+            registry=r,
+        )
+
         self.spool_bytes = Gauge(
             "parley_spool_bytes", "Audio waiting in the local spool for the object store.", registry=r
         )
@@ -302,6 +316,13 @@ class Metrics:
             self.job_retries.labels(kind).inc()
         elif outcome == "dead":
             self.job_dead_letters.labels(kind).inc()
+
+    def session_processed(self, positive: bool) -> None:
+        """One session finished post-processing; ``positive``: ``storage.ratings.is_positive`` of its
+        rating. Call it once per session (where the job records its outcome), not once per run."""
+        self.sessions_processed.inc()
+        if positive:
+            self.sessions_rated_positive.inc()
 
     def job_poll_failed(self) -> None:
         self.job_poll_errors.inc()

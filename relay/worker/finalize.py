@@ -27,7 +27,8 @@ from relay.observability.logging import log_failure
 from relay.worker.jobs import DeadHandler, Handler, JobContext, JobKind
 from storage import jobs, sessions
 from storage.jobs import LeaseLost, SessionFenced
-from storage.models import Session, SessionStatus
+from storage.models import Rating, Session, SessionStatus
+from storage.ratings import is_positive
 from storage.uploader import RETRYABLE
 
 __all__ = ["Step", "finalize_kind"]
@@ -70,8 +71,15 @@ def finalize_kind(steps: Sequence[Step] = ()) -> JobKind:
         for step in steps:
             await step.run(ctx)
         async with ctx.transaction() as s:
-            if await _status(s, sid) == SessionStatus.PROCESSING:
-                await sessions.transition(s, sid, SessionStatus.PROCESSED)
+            if await _status(s, sid) != SessionStatus.PROCESSING:
+                return
+            await sessions.transition(s, sid, SessionStatus.PROCESSED)
+            rating = (
+                await s.execute(select(Rating.status, Rating.scores).where(Rating.session_id == sid))
+            ).one_or_none()
+        # Counted once per session: a rerun finds it processed above and returns before this.
+        if ctx.metrics is not None:
+            ctx.metrics.session_processed(rating is not None and is_positive(rating.status, rating.scores))
 
     async def on_dead(ctx: JobContext, code: str) -> None:
         sid = ctx.session_id

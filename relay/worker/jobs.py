@@ -73,6 +73,8 @@ class JobContext:
     db: Database
     store: ObjectStore
     job: ClaimedJob
+    #: The worker's metrics, for outcomes a handler alone knows (a session processed, rated positively).
+    metrics: Metrics | None = None
 
     @property
     def session_id(self) -> str:
@@ -263,7 +265,7 @@ class Worker:
         started = time.monotonic()
         due = max(job.run_after, job.created_at)
         self._metrics.job_claimed(job.kind, (utcnow() - due).total_seconds())
-        ctx = JobContext(self._db, self._store, job)
+        ctx = JobContext(self._db, self._store, job, self._metrics)
         outcome, code = Outcome.DONE, None
         try:
             if job.exhausted:  # its workers died with it every time: do not run it again

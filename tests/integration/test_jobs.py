@@ -139,12 +139,16 @@ async def test_the_worker_finalizes_an_ended_session_once(
     assert (job.status, job.attempts, job.runs, job.last_error_code) == ("done", 1, 1, None)
     assert outcome(metrics, "finalize", "done") == 1
     assert metrics.registry.get_sample_value("parley_job_wait_seconds_count", {"kind": "finalize"}) == 1
+    # The business measure: one session processed, not rated (no rating step here), so not positive.
+    assert metrics.registry.get_sample_value("parley_sessions_processed_total") == 1
+    assert metrics.registry.get_sample_value("parley_sessions_rated_positive_total") == 0
 
     # Idempotent: the same job run a second time leaves the session and its audit trail as they are.
     async with database.sessions.begin() as s:
         await s.execute(update(Job).where(Job.id == job.id).values(status="queued"))
-    again, _ = worker(database, store)
+    again, again_metrics = worker(database, store)
     assert await again.run_once() is not None
+    assert again_metrics.registry.get_sample_value("parley_sessions_processed_total") == 0
     assert await status_of(database, sid) == SessionStatus.PROCESSED
     assert len(await moves(database, sid)) == 2
     assert (await job_row(database, sid)).runs == 2

@@ -159,6 +159,11 @@ export class Api {
     return this.request('GET', '/v1/me');
   }
 
+  /** GET /v1/me/progress: `{weeks: [...], totals: {...}}` over the last `weeks` weeks (1..104). */
+  progress({ weeks = 12 } = {}) {
+    return this.request('GET', `/v1/me/progress?${new URLSearchParams({ weeks: String(weeks) })}`);
+  }
+
   // -- topics ---------------------------------------------------------------------------------
   async topics() {
     return (await this.request('GET', '/v1/topics')).topics;

@@ -22,6 +22,24 @@ export function h(tag, attrs = {}, ...children) {
   return el;
 }
 
+const SVG_NS = 'http://www.w3.org/2000/svg';
+
+/**
+ * Create an SVG element: every attribute is set as an attribute (`viewBox`, `x`, `height`...),
+ * `text` as a text node, `class` as the class. Presentation stays in attributes and the stylesheet,
+ * never in a `style` attribute (the page's CSP allows none).
+ */
+export function svg(tag, attrs = {}, ...children) {
+  const el = document.createElementNS(SVG_NS, tag);
+  for (const [key, value] of Object.entries(attrs ?? {})) {
+    if (value === false || value === null || value === undefined) continue;
+    if (key === 'text') el.textContent = value;
+    else el.setAttribute(key, String(value));
+  }
+  append(el, ...children);
+  return el;
+}
+
 export function append(el, ...children) {
   for (const child of children.flat()) {
     if (child === null || child === undefined || child === false) continue;

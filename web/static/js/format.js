@@ -41,3 +41,17 @@ export function title(text) {
   const s = String(text ?? '');
   return s.charAt(0).toUpperCase() + s.slice(1);
 }
+
+/** 0.286 -> "29%"; null (or not a number) -> "—". */
+export function percent(fraction) {
+  const n = Number(fraction);
+  if (fraction === null || fraction === undefined || !Number.isFinite(n)) return '—';
+  return `${Math.round(n * 100)}%`;
+}
+
+/** A week named by its Monday ("2026-03-02") as a short date ("Mar 2" in US English); UTC, as the weeks are. */
+export function weekLabel(isoDate, locale = undefined) {
+  const date = new Date(`${isoDate}T00:00:00Z`);
+  if (Number.isNaN(date.getTime())) return String(isoDate ?? '');
+  return date.toLocaleDateString(locale, { day: 'numeric', month: 'short', timeZone: 'UTC' });
+}

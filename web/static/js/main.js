@@ -12,6 +12,7 @@ import { AuthView } from './views/auth.js';
 import { CallView } from './views/call.js';
 import { confirmAction, signInAgain } from './views/dialogs.js';
 import { HistoryView } from './views/history.js';
+import { ProgressView } from './views/progress.js';
 import { SessionView } from './views/session.js';
 import { TopicsView } from './views/topics.js';
 
@@ -83,6 +84,7 @@ const views = {
   topics: new TopicsView(ctx, byId('view-topics')),
   call: new CallView(ctx, byId('view-call')),
   history: new HistoryView(ctx, byId('view-history')),
+  progress: new ProgressView(ctx, byId('view-progress')),
   session: new SessionView(ctx, byId('view-session')),
 };
 
@@ -113,7 +115,7 @@ function render() {
   flashEl.textContent = flashText;
   flashEl.hidden = !flashText;
   flashText = '';
-  const titles = { signin: 'Sign in', topics: 'Pick a topic', call: 'Session', history: 'Your sessions', session: 'Session' };
+  const titles = { signin: 'Sign in', topics: 'Pick a topic', call: 'Session', history: 'Your sessions', progress: 'Your progress', session: 'Session' };
   document.title = `${titles[name]} · Parley`;
   Promise.resolve(views[name].show(route)).catch(() => {});
   if (changed) views[name].focusTarget?.()?.focus({ preventScroll: false });

@@ -1,5 +1,5 @@
 /**
- * Hash routes: `#/signin`, `#/topics`, `#/call`, `#/history`, `#/sessions/<id>`.
+ * Hash routes: `#/signin`, `#/topics`, `#/call`, `#/history`, `#/progress`, `#/sessions/<id>`.
  * The hash holds only where the learner is, never a token. Other hashes (`#main`) are not routes.
  */
 
@@ -10,7 +10,7 @@ export function parseRoute(hash) {
   const parts = path.slice(1).split('/').filter(Boolean).map(decodeURIComponent);
   if (parts.length === 0) return { name: 'home' };
   if (parts[0] === 'sessions' && parts.length === 2) return { name: 'session', id: parts[1] };
-  if (parts.length === 1 && ['signin', 'topics', 'call', 'history'].includes(parts[0])) return { name: parts[0] };
+  if (parts.length === 1 && ['signin', 'topics', 'call', 'history', 'progress'].includes(parts[0])) return { name: parts[0] };
   return { name: 'notfound' };
 }
 

@@ -1,16 +1,24 @@
 /**
  * One past session: facts and rating, both tracks played as one (seekable) with the transcript
- * following along, and export, publish / make private, delete.
+ * following along, and export, publish / make private, delete. While the rating is still to come,
+ * the session is read again now and then, so the rating appears without a reload.
  */
 
 import { ApiError } from '../api.js';
 import { download, h, replace } from '../dom.js';
-import { clock, duration, overallScore, title, when } from '../format.js';
+import { clock, duration, title, when } from '../format.js';
 import { apiErrorMessage, statusLabel } from '../messages.js';
 import { SyncPlayer, activeSegment } from '../player.js';
+import { ratingSection } from '../rating.js';
 import { confirmAction, publishFlow } from './dialogs.js';
 
 const FINISHED = new Set(['ended', 'processing', 'processed', 'processing_failed', 'interrupted', 'failed']);
+// Sessions that went live and ended: the ones the worker rates.
+const RATED = new Set(['ended', 'processing', 'processed', 'processing_failed', 'interrupted']);
+// Post-processing has not finished: a rating may still come or change.
+const SETTLING = new Set(['ended', 'processing']);
+const RATING_POLL_MS = 4000;
+const RATING_POLLS = 45; // three minutes; after that a reload shows whatever came
 
 export class SessionView {
   constructor(ctx, root) {
@@ -18,6 +26,7 @@ export class SessionView {
     this.root = root;
     this.player = null;
     this.urls = [];
+    this.ratingTimer = null;
     this.heading = h('h1', { tabindex: '-1', text: 'Session' });
     this.status = h('p', { class: 'muted', role: 'status', id: 'session-status' });
     this.body = h('div');
@@ -33,6 +42,7 @@ export class SessionView {
   }
 
   teardown() {
+    this.stopRatingWatch();
     this.player?.destroy();
     this.player = null;
     for (const url of this.urls) URL.revokeObjectURL(url);
@@ -72,17 +82,18 @@ export class SessionView {
       { class: 'facts card' },
       topic ? this.fact('Level', title(topic.difficulty)) : null,
       this.fact('Date', when(s.started_at ?? s.created_at)),
-      this.fact('Status', statusLabel(s.status)),
+      this.fact('Status', statusLabel(s.status), 'status'),
       this.fact('Length', duration(s.duration_ms)),
       this.fact('Visibility', s.visibility === 'public' ? 'Public' : 'Private', 'visibility'),
     );
     this.message = h('p', { class: 'notice info', role: 'status', id: 'session-message', hidden: true });
     this.playerBox = h('section', { class: 'card player', 'aria-labelledby': 'player-title' }, h('h2', { id: 'player-title', text: 'Listen again' }));
     this.transcriptList = h('ol', { class: 'transcript replay', id: 'session-transcript', 'aria-label': 'Transcript' });
+    this.ratingBox = h('div', { class: 'rating-box' }, ratingSection(s.rating, { expected: RATED.has(s.status) }));
     replace(
       this.body,
       this.facts,
-      this.ratingBlock(s.rating),
+      this.ratingBox,
       this.message,
       (this.actionsEl = this.actions()),
       this.playerBox,
@@ -90,24 +101,41 @@ export class SessionView {
     );
     this.renderTranscript();
     this.setupPlayer();
+    this.watchRating(RATING_POLLS);
+  }
+
+  stopRatingWatch() {
+    clearTimeout(this.ratingTimer);
+    this.ratingTimer = null;
+    this.ratingWatch = null; // a read already in flight sees this and stops
+  }
+
+  /** Read the session again later while its rating is pending or still to come. */
+  watchRating(left) {
+    const s = this.session;
+    const waiting = s.rating?.status === 'pending' || (!s.rating && SETTLING.has(s.status));
+    if (!waiting || left <= 0) return;
+    const watch = (this.ratingWatch = {});
+    this.ratingTimer = setTimeout(async () => {
+      let fresh;
+      try {
+        fresh = await this.ctx.api.getSession(s.id);
+      } catch {
+        return; // the page still shows the last state; a reload tries again
+      }
+      if (this.ratingWatch !== watch) return; // the learner moved on meanwhile
+      const changed = JSON.stringify(fresh.rating ?? null) !== JSON.stringify(s.rating ?? null);
+      s.rating = fresh.rating ?? null;
+      s.status = fresh.status;
+      const dd = this.facts.querySelector('[data-fact="status"]');
+      if (dd) dd.textContent = statusLabel(s.status);
+      if (changed) replace(this.ratingBox, ratingSection(s.rating, { expected: RATED.has(s.status) }));
+      this.watchRating(left - 1);
+    }, RATING_POLL_MS);
   }
 
   fact(label, value, key = null) {
     return h('div', {}, h('dt', { text: label }), h('dd', { text: value, dataset: key ? { fact: key } : undefined }));
-  }
-
-  ratingBlock(rating) {
-    if (!rating) return null;
-    if (rating.status === 'pending') return h('p', { class: 'card muted', text: 'Your rating is being prepared.' });
-    if (rating.status !== 'done') return h('p', { class: 'card muted', text: 'This session could not be rated. Its audio and transcript are safe.' });
-    const score = overallScore(rating);
-    return h(
-      'section',
-      { class: 'card rating', 'aria-labelledby': 'rating-title' },
-      h('h2', { id: 'rating-title', text: score !== null ? `Rating: ${score}/100` : 'Rating' }),
-      h('dl', { class: 'facts' }, ...Object.entries(rating.scores ?? {}).map(([k, v]) => this.fact(title(k), `${v}/100`))),
-      rating.feedback ? h('p', { text: rating.feedback }) : null,
-    );
   }
 
   actions() {
@@ -298,6 +326,7 @@ export class SessionView {
       danger: true,
     });
     if (!ok) return;
+    this.stopRatingWatch(); // no read of a session that is being deleted (it would answer 404)
     try {
       await this.ctx.api.deleteSession(this.session.id);
     } catch (err) {
