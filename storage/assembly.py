@@ -13,16 +13,24 @@ Only the playback stream is affected: the stored segments are never touched.
 The plan (every output page's size and origin) is built by reading each segment once and cached per
 ``(session, track, number of chunks)``, so the stream's length is known before any byte is sent and
 any byte range is served by reading only the segments it covers.
+
+Post-processing (``relay.worker.assembly``) writes the same stream as one file,
+:func:`final_object_key`, from :func:`segment_track` (which refuses a segment that is missing,
+unreadable or altered since its upload instead of leaving it out), and sets ``final_object_key``
+once the file is verified. From then on :func:`assembled_track` serves that file, byte for byte the
+stream the segments give; when it cannot be read (gone, or the store fails on it) the stream is
+served from the segments again, even mid-response, since both are the same bytes.
 """
 
 from __future__ import annotations
 
 import asyncio
 import bisect
+import hashlib
 import logging
 import struct
 from collections import OrderedDict
-from collections.abc import AsyncIterator, Sequence
+from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
 from dataclasses import dataclass
 from typing import Final
 
@@ -30,10 +38,18 @@ from sqlalchemy import select
 
 from storage.db import Database
 from storage.models import AudioChunk, AudioRecording
-from storage.objects import ObjectStore
+from storage.objects import CHUNK_SIZE, ObjectNotFound, ObjectStore, ObjectStoreError
 from storage.oggopus import OggPage, crc32_ogg, opus_packet_samples48, opus_tags, parse_pages
 
-__all__ = ["SILENCE_PACKET", "AssembledTrack", "assembled_track"]
+__all__ = [
+    "SILENCE_PACKET",
+    "AssembledTrack",
+    "SegmentRef",
+    "SegmentUnusable",
+    "assembled_track",
+    "final_object_key",
+    "segment_track",
+]
 
 log = logging.getLogger("storage.assembly")
 
@@ -218,33 +234,100 @@ def _rewrite(page: _OutPage, src: bytes) -> bytes:
     return bytes(out)
 
 
-class AssembledTrack:
-    """The virtual Ogg Opus stream of one track: its ``length`` and byte-range :meth:`read`."""
+#: Builds the track's plan from its segments again, for a final file that cannot be read.
+_Fallback = Callable[[], Awaitable["_Plan | None"]]
 
-    def __init__(self, store: ObjectStore, *, length: int, plan: _Plan | None, final_key: str | None) -> None:
+
+class AssembledTrack:
+    """The Ogg Opus stream of one track: its ``length`` and byte-range :meth:`read`.
+
+    Either planned from the segments, or the track's verified file (``final_key``), which falls back
+    to the segments when it cannot be read.
+    """
+
+    def __init__(
+        self,
+        store: ObjectStore,
+        *,
+        length: int,
+        plan: _Plan | None,
+        final_key: str | None,
+        fallback: _Fallback | None = None,
+        session_id: str = "",
+        track: str = "",
+    ) -> None:
         self._store = store
         self.length = length
         self._plan = plan
         self._final_key = final_key
+        self._fallback = fallback
+        self._session_id = session_id
+        self._track = track
 
     @property
     def content_type(self) -> str:
         return "audio/ogg"
+
+    @property
+    def final_key(self) -> str | None:
+        """The verified file this stream is read from, ``None`` when it is read from the segments."""
+        return self._final_key
 
     async def read(self, start: int = 0, end: int | None = None) -> AsyncIterator[bytes]:
         """Exactly the bytes ``start..end`` (inclusive; ``end`` clamped to the last byte)."""
         last = self.length - 1 if end is None else min(end, self.length - 1)
         if start < 0 or start > last:
             return
-        if self._plan is None:
+        plan = self._plan
+        if plan is None:
             assert self._final_key is not None
-            async for chunk in self._store.get(self._final_key, start=start, end=last):
-                yield chunk
-            return
-        async for page in self._pages(self._plan, start, last):
+            pos = start
+            try:
+                async for chunk in self._store.get(self._final_key, start=start, end=last):
+                    pos += len(chunk)
+                    yield chunk
+                if pos > last:
+                    return
+                raise ObjectStoreError("the assembled file is shorter than it was")
+            except ObjectStoreError as exc:
+                # The same bytes come from the segments: go on from where the file stopped.
+                plan = await self._failover(exc)
+            start = pos
+        async for page in self._pages(plan, start, last):
             chunk = page.data[max(0, start - page.offset) : last - page.offset + 1]
             if chunk:
                 yield chunk
+
+    async def stream(self, chunk_size: int = CHUNK_SIZE) -> AsyncIterator[bytes]:
+        """The whole stream in chunks of ``chunk_size`` bytes (the last one shorter), for an upload."""
+        buffer = bytearray()
+        async for piece in self.read(0):
+            buffer += piece
+            while len(buffer) >= chunk_size:
+                yield bytes(buffer[:chunk_size])
+                del buffer[:chunk_size]
+        if buffer:
+            yield bytes(buffer)
+
+    async def _failover(self, failure: ObjectStoreError) -> _Plan:
+        """The segments' plan, if it gives the file's bytes; else ``failure`` is raised again."""
+        if self._fallback is None:
+            raise failure
+        try:
+            plan = await self._fallback()
+        except ObjectStoreError:
+            raise failure from None
+        if plan is None or plan.length != self.length:
+            raise failure
+        log.warning(
+            "assembly.final_unreadable",
+            extra={
+                "session_id": self._session_id,
+                "track": self._track,
+                "error_type": type(failure).__name__,
+            },
+        )
+        return plan
 
     async def _pages(self, plan: _Plan, start: int, last: int) -> AsyncIterator[_Bytes]:
         i = bisect.bisect_right(plan.starts, start) - 1
@@ -303,10 +386,113 @@ class _Bytes:
 _plans: OrderedDict[tuple[str, str, int], _Plan] = OrderedDict()
 
 
+def final_object_key(session_id: str, track: str, segments: int) -> str:
+    """Where the verified file of a track built from its first ``segments`` segments lives.
+
+    Beside the segments, under the session's prefix, so deletion and export sweep it with them.
+    Named after the segment count, because a segment can still be listed after the file was made
+    (its upload waited for the store to return): a file named for fewer segments than the manifest
+    lists is stale, and the segments are served instead.
+    """
+    return f"sessions/{session_id}/audio/{track}.{segments}.ogg"
+
+
+def _stale(key: str, track: str, segments: int) -> bool:
+    """Whether ``key`` names a file built from another number of segments than the manifest lists."""
+    name = key.rsplit("/", 1)[-1]
+    count = name.removeprefix(f"{track}.").removesuffix(".ogg")
+    return name != count and count.isdigit() and int(count) != segments
+
+
+@dataclass(frozen=True, slots=True)
+class SegmentRef:
+    """One manifest entry as assembly needs it: the object, its start on the timeline, its digest."""
+
+    key: str
+    start_ms: int
+    #: The SHA-256 the uploader recorded; checked by :func:`segment_track`.
+    sha256: str | None = None
+
+
+class SegmentUnusable(Exception):
+    """A listed segment cannot go into a verified file: missing, altered since its upload, or unreadable."""
+
+
+def _checked_segment(ref: SegmentRef, data: bytes, *, strict: bool) -> _Segment | None:
+    if strict and ref.sha256 is not None and hashlib.sha256(data).hexdigest() != ref.sha256:
+        raise SegmentUnusable("a segment differs from its manifest digest")
+    seg = _parse_segment(ref.key, ref.start_ms, data)
+    if seg is None and strict:
+        raise SegmentUnusable("a segment holds no readable Ogg Opus audio")
+    return seg
+
+
+async def _segment_plan(
+    store: ObjectStore, session_id: str, track: str, refs: Sequence[SegmentRef], *, strict: bool
+) -> _Plan | None:
+    """The plan of ``refs``, from the cache or by reading each segment once.
+
+    Lenient (playback): an unreadable segment is left out (logged) and a missing one raises
+    :class:`ObjectNotFound`. Strict: either raises :class:`SegmentUnusable`, as does a digest that
+    differs from the manifest's; the plan is built afresh and then cached (the same plan when every
+    segment is sound).
+    """
+    cache_key = (session_id, track, len(refs))
+    plan = None if strict else _plans.get(cache_key)
+    if plan is not None:
+        _plans.move_to_end(cache_key)
+        return plan
+    limit = asyncio.Semaphore(PARALLEL_READS)
+
+    async def parse(ref: SegmentRef) -> _Segment | None:
+        async with limit:
+            try:
+                data = await store.read(ref.key)
+            except ObjectNotFound:
+                if strict:
+                    raise SegmentUnusable("a listed segment is missing") from None
+                raise
+        seg = await asyncio.to_thread(_checked_segment, ref, data, strict=strict)
+        if seg is None:
+            log.warning("assembly.segment_unreadable", extra={"session_id": session_id, "track": track})
+        return seg
+
+    parsed = await asyncio.gather(*(parse(ref) for ref in refs))
+    segments = [seg for seg in parsed if seg is not None]
+    if not segments:
+        return None
+    plan = await asyncio.to_thread(_make_plan, session_id, track, segments)
+    _plans[cache_key] = plan
+    while len(_plans) > PLAN_CACHE_SIZE:
+        _plans.popitem(last=False)
+    return plan
+
+
+async def segment_track(
+    store: ObjectStore, session_id: str, track: str, segments: Sequence[SegmentRef]
+) -> AssembledTrack:
+    """The stream of exactly ``segments`` (the whole manifest, in order), each checked against its digest.
+
+    Raises :class:`SegmentUnusable` rather than leave a segment out, and :class:`ObjectStoreError`
+    when the store fails. ``segments`` must not be empty.
+    """
+    if not segments:
+        raise ValueError("a track without segments has no stream")
+    plan = await _segment_plan(store, session_id, track, segments, strict=True)
+    assert plan is not None  # strict: every segment is in it
+    return AssembledTrack(
+        store, length=plan.length, plan=plan, final_key=None, session_id=session_id, track=track
+    )
+
+
 async def assembled_track(
     db: Database, store: ObjectStore, session_id: str, track: str
 ) -> AssembledTrack | None:
-    """The track's playback stream, or ``None`` when it has no audio (yet)."""
+    """The track's playback stream, or ``None`` when it has no audio (yet).
+
+    The verified file when the track has one, else (or when that file is gone, stale or its stat
+    fails) the stream planned from the segments.
+    """
     async with db.sessions() as s:
         rec = (
             await s.execute(
@@ -317,41 +503,41 @@ async def assembled_track(
         ).scalar_one_or_none()
         if rec is None:
             return None
-        if rec.final_object_key:
-            info = await store.stat(rec.final_object_key)
-            if info is None or info.size == 0:
-                return None
-            return AssembledTrack(store, length=info.size, plan=None, final_key=rec.final_object_key)
+        final_key = rec.final_object_key
         chunks = (
             await s.execute(
-                select(AudioChunk.seq, AudioChunk.start_ms, AudioChunk.object_key)
+                select(AudioChunk.start_ms, AudioChunk.object_key)
                 .where(AudioChunk.recording_id == rec.id)
                 .order_by(AudioChunk.seq)
             )
         ).all()
-    if not chunks:
-        return None
-    cache_key = (session_id, track, len(chunks))
-    plan = _plans.get(cache_key)
+    refs = [SegmentRef(key, int(start_ms)) for start_ms, key in chunks]
+
+    async def from_segments() -> _Plan | None:
+        return await _segment_plan(store, session_id, track, refs, strict=False) if refs else None
+
+    if final_key and _stale(final_key, track, len(refs)):
+        log.warning("assembly.final_stale", extra={"session_id": session_id, "track": track})
+    elif final_key:
+        try:
+            info = await store.stat(final_key)
+        except ObjectStoreError as exc:
+            info = None
+            log.warning(
+                "assembly.final_unreadable",
+                extra={"session_id": session_id, "track": track, "error_type": type(exc).__name__},
+            )
+        else:
+            if info is None:
+                log.warning("assembly.final_missing", extra={"session_id": session_id, "track": track})
+        if info is not None and info.size > 0:
+            return AssembledTrack(
+                store, length=info.size, plan=None, final_key=final_key, fallback=from_segments,
+                session_id=session_id, track=track,
+            )  # fmt: skip
+    plan = await from_segments()
     if plan is None:
-        limit = asyncio.Semaphore(PARALLEL_READS)
-
-        async def parse(start_ms: int, key: str) -> _Segment | None:
-            async with limit:
-                data = await store.read(key)
-            seg = await asyncio.to_thread(_parse_segment, key, start_ms, data)
-            if seg is None:
-                log.warning("assembly.segment_unreadable", extra={"session_id": session_id, "key": key})
-            return seg
-
-        parsed = await asyncio.gather(*(parse(int(start_ms), key) for _seq, start_ms, key in chunks))
-        segments = [seg for seg in parsed if seg is not None]
-        if not segments:
-            return None
-        plan = await asyncio.to_thread(_make_plan, session_id, track, segments)
-        _plans[cache_key] = plan
-        while len(_plans) > PLAN_CACHE_SIZE:
-            _plans.popitem(last=False)
-    else:
-        _plans.move_to_end(cache_key)
-    return AssembledTrack(store, length=plan.length, plan=plan, final_key=None)
+        return None
+    return AssembledTrack(
+        store, length=plan.length, plan=plan, final_key=None, session_id=session_id, track=track
+    )
