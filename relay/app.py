@@ -22,6 +22,7 @@ from relay.api import (
     api_keys,
     auth,
     deletion,
+    events,
     exports,
     ops,
     progress,
@@ -36,9 +37,11 @@ from relay.api import (
 from relay.api.problems import problem_middleware
 from relay.browser.ice import restrict_host_addresses
 from relay.config import ConfigError, Settings
+from relay.integrations.bridge import RealtimeBridge
 from relay.keys import (
     AUTHENTICATOR,
     DATABASE,
+    FEEDS,
     JOBS,
     LIMITS,
     LIVE,
@@ -61,6 +64,7 @@ from relay.security.oidc import OidcVerifier
 from relay.security.passwords import PasswordHasher
 from relay.security.principals import Authenticator
 from relay.security.tokens import TokenService
+from relay.session.feed import FeedRegistry
 from relay.session.registry import SessionRegistry
 from relay.upstream import open_upstream
 from relay.worker.jobs import Worker
@@ -110,12 +114,13 @@ def build_app(settings: Settings, *, passwords: PasswordHasher | None = None) ->
     app.cleanup_ctx.append(_object_store)
     app.cleanup_ctx.append(_authenticator)
     app.cleanup_ctx.append(_upstream)
+    app.cleanup_ctx.append(_event_feeds)  # before the sessions: closed after they drained
     app.cleanup_ctx.append(_live_sessions)
     app.cleanup_ctx.append(_retention)
     app.cleanup_ctx.append(_jobs)
     for module in (
         ops, auth, api_keys, topics, sessions, signaling, transcripts, recordings, publication, exports,
-        deletion, progress, realtime,
+        deletion, progress, realtime, events,
     ):  # fmt: skip
         app.add_routes(module.routes)
     if (WEB_DIR / "index.html").is_file():
@@ -123,6 +128,8 @@ def build_app(settings: Settings, *, passwords: PasswordHasher | None = None) ->
         app.router.add_static("/static/", STATIC_DIR, follow_symlinks=False)
     # After every cleanup_ctx set-up (aiohttp runs those from the first on_startup handler).
     app.on_startup.append(_freeze_start_up_objects)
+    app.on_shutdown.append(_feeds_going_away)
+    app.on_shutdown.append(_realtime_going_away)
     return app
 
 
@@ -213,6 +220,27 @@ async def _upstream(app: web.Application) -> AsyncIterator[None]:
         yield
 
 
+async def _event_feeds(app: web.Application) -> AsyncIterator[None]:
+    feeds = FeedRegistry()
+    app[FEEDS] = feeds
+    stats = feeds.stats
+    app[METRICS].watch_feeds(
+        lambda: (stats.subscribers, stats.subscriptions, stats.cut_offs, stats.resume_gaps)
+    )
+    try:
+        yield
+    finally:
+        await feeds.aclose()
+
+
+async def _feeds_going_away(app: web.Application) -> None:
+    """Close event-feed sockets (1001) as shutdown begins: aiohttp waits for open handlers before it
+    runs the cleanup contexts (and drains live sessions), so an open feed would hold shutdown up."""
+    feeds = app.get(FEEDS)
+    if feeds is not None:
+        await feeds.aclose()
+
+
 async def _live_sessions(app: web.Application) -> AsyncIterator[None]:
     settings = app[SETTINGS]
     if settings.rtc_host_addresses:
@@ -281,6 +309,17 @@ async def _retention(app: web.Application) -> AsyncIterator[None]:
         yield
     finally:
         await sweeper.aclose()
+
+
+async def _realtime_going_away(app: web.Application) -> None:
+    """End Realtime-socket sessions (close 1001) as shutdown begins, for the same reason as the feeds:
+    their handlers are open sockets. Their clients reconnect to another node; WebRTC sessions, which
+    hold no handler open, are drained later with the grace of PARLEY_DRAIN_TIMEOUT."""
+    registry = app.get(REGISTRY)
+    if registry is None:
+        return
+    bridges = [live for live in registry.members() if isinstance(live, RealtimeBridge)]
+    await asyncio.gather(*(bridge.end("shutdown") for bridge in bridges), return_exceptions=True)
 
 
 async def _jobs(app: web.Application) -> AsyncIterator[None]:

@@ -13,6 +13,7 @@ from relay.security.limits import Limits
 from relay.security.passwords import PasswordHasher
 from relay.security.principals import Authenticator
 from relay.security.tokens import TokenService
+from relay.session.feed import FeedRegistry
 from relay.session.registry import SessionRegistry
 from relay.upstream import Upstream
 from relay.worker.jobs import Worker
@@ -31,6 +32,8 @@ PASSWORDS = web.AppKey("passwords", PasswordHasher)
 LIMITS = web.AppKey("limits", Limits)
 UPSTREAM = web.AppKey("upstream", Upstream)
 REGISTRY = web.AppKey("registry", SessionRegistry)
+# The event feeds of live sessions, for GET /v1/sessions/{id}/events.
+FEEDS = web.AppKey("feeds", FeedRegistry)
 RECORDERS = web.AppKey("recorders", RecorderFactory)
 LOOP_LAG = web.AppKey("loop_lag", LoopLagMonitor)
 RETENTION = web.AppKey("retention", RetentionSweeper)

@@ -21,7 +21,7 @@ from aiohttp import web
 from relay.api.deps import current_principal
 from relay.errors import BadRequest, RateLimited
 from relay.integrations.bridge import RealtimeBridge, TopicConfig
-from relay.keys import DATABASE, JOBS, LIMITS, LIVE, METRICS, RECORDERS, REGISTRY, SETTINGS, UPSTREAM
+from relay.keys import DATABASE, FEEDS, JOBS, LIMITS, LIVE, METRICS, RECORDERS, REGISTRY, SETTINGS, UPSTREAM
 from relay.observability.logging import hash_id
 from storage import sessions, topics
 from storage.models import SessionStatus, new_id
@@ -78,6 +78,7 @@ async def realtime_socket(request: web.Request) -> web.StreamResponse:
         if status == SessionStatus.ENDED and (worker := app.get(JOBS)) is not None:
             worker.wake()  # ending enqueued the session's finalize job
 
+    feed = app[FEEDS].open(session_id)
     bridge = RealtimeBridge(
         session_id,
         ws=ws,
@@ -87,7 +88,7 @@ async def realtime_socket(request: web.Request) -> web.StreamResponse:
         recorder=app[RECORDERS].open(session_id),
         metrics=app[METRICS],
         write_state=write_state,
-        send=lambda event: None,
+        send=feed.publish,
         on_closed=lambda b: registry.discard(b.id),
     )
     registry.add(bridge)
@@ -97,5 +98,6 @@ async def realtime_socket(request: web.Request) -> web.StreamResponse:
     task = asyncio.create_task(bridge.run(), name=f"realtime:{session_id}")
     app[LIVE].add(task)
     task.add_done_callback(app[LIVE].discard)
+    task.add_done_callback(lambda _: feed.close())  # after the final session.state, also if cancelled
     await asyncio.shield(task)
     return ws

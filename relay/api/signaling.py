@@ -18,7 +18,7 @@ from relay.api.deps import current_principal, owned_session
 from relay.api.views import session_view
 from relay.browser.sdp import InvalidOffer, validate_offer
 from relay.errors import Conflict, NotFound
-from relay.keys import DATABASE, JOBS, LIVE, METRICS, RECORDERS, REGISTRY, SETTINGS, TOKENS, UPSTREAM
+from relay.keys import DATABASE, FEEDS, JOBS, LIVE, METRICS, RECORDERS, REGISTRY, SETTINGS, TOKENS, UPSTREAM
 from relay.observability.logging import hash_id
 from relay.security.principals import bearer_token
 from relay.security.tokens import CLIENT_SECRET_EXPIRED, CLIENT_SECRET_USED, ClientSecretError
@@ -117,6 +117,7 @@ def _start_live(app: web.Application, spec: SessionSpec) -> LiveSession:
         if status == SessionStatus.ENDED:
             _wake_jobs(app)  # ending enqueued the session's finalize job
 
+    feed = app[FEEDS].open(spec.session_id)
     live = LiveSession(
         spec,
         settings=app[SETTINGS],
@@ -124,12 +125,15 @@ def _start_live(app: web.Application, spec: SessionSpec) -> LiveSession:
         recorder=app[RECORDERS].open(spec.session_id),
         metrics=app[METRICS],
         write_state=write_state,
+        publish=feed.publish,
         on_closed=lambda s: registry.discard(s.id),
     )
     registry.add(live)
     task = asyncio.create_task(live.run(), name=f"session:{spec.session_id}")
     app[LIVE].add(task)
     task.add_done_callback(app[LIVE].discard)
+    # After the final session.state, also when the task is cancelled before it ran.
+    task.add_done_callback(lambda _: feed.close())
     return live
 
 

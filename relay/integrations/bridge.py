@@ -236,6 +236,7 @@ class RealtimeBridge:
             admitted = admit_client_event(msg.data, model=self._settings.model)
             if isinstance(admitted, ClientEventError):
                 self.refused_events += 1
+                self._metrics.realtime_refused.labels(admitted.code).inc()
                 self._log.info("realtime.event_refused", extra={"code": admitted.code})
                 await self._refuse(admitted)
                 continue

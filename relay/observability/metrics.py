@@ -11,7 +11,7 @@ import bisect
 import gc
 import itertools
 import time
-from collections.abc import Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from typing import Final
 
 from prometheus_client import (
@@ -24,7 +24,7 @@ from prometheus_client import (
     ProcessCollector,
     generate_latest,
 )
-from prometheus_client.core import HistogramMetricFamily, Metric
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, HistogramMetricFamily, Metric
 from prometheus_client.registry import Collector
 
 __all__ = ["CONTENT_TYPE", "Metrics"]
@@ -83,6 +83,35 @@ class GcPauses(Collector):
             buckets.append(("+Inf", cumulative[-1]))
             family.add_metric([str(generation)], buckets, self._sums[generation])
         yield family
+
+
+#: (current subscribers, subscriptions, slow-consumer cut-offs, resume gaps) of the event feeds.
+FeedCounts = Callable[[], tuple[int, int, int, int]]
+
+
+class FeedCollector(Collector):
+    """The event feeds' counters, read at scrape time from the feed registry (which owns them)."""
+
+    def __init__(self, read: FeedCounts) -> None:
+        self._read = read
+
+    def collect(self) -> Iterator[Metric]:
+        subscribers, subscriptions, cut_offs, gaps = self._read()
+        yield GaugeMetricFamily(
+            "parley_event_feed_subscribers", "Event-feed sockets open now.", value=subscribers
+        )
+        yield CounterMetricFamily(
+            "parley_event_feed_subscriptions", "Event-feed sockets opened.", value=subscriptions
+        )
+        refused = CounterMetricFamily(
+            "parley_event_feed_disconnects",
+            "Event-feed subscribers cut off: slow_consumer (fell too far behind), resume_gap (resumed "
+            "after events no longer held).",
+            labels=["reason"],
+        )
+        refused.add_metric(["slow_consumer"], cut_offs)
+        refused.add_metric(["resume_gap"], gaps)
+        yield refused
 
 
 class Metrics:
@@ -271,9 +300,20 @@ class Metrics:
             ["part"],
             registry=r,
         )
+        self.realtime_refused = Counter(
+            "parley_realtime_refused_events_total",
+            "Client events refused on the Realtime socket, by error code (invalid ones and changes a "
+            "client may not make).",
+            ["code"],
+            registry=r,
+        )
         self.gc_pauses = GcPauses()
         r.register(self.gc_pauses)
         self._gc_hook = self.gc_pauses.hook
+
+    def watch_feeds(self, read: FeedCounts) -> None:
+        """Expose the event feeds' counters (call once per app)."""
+        self.registry.register(FeedCollector(read))
 
     def watch_gc(self) -> None:
         """Time every garbage collection from now on (``gc.callbacks``); idempotent."""

@@ -64,6 +64,10 @@ class SessionRegistry:
     def get(self, session_id: str) -> Live | None:
         return self._sessions.get(session_id)
 
+    def members(self) -> list[Live]:
+        """The live sessions now (a copy: ending one removes it from the registry)."""
+        return list(self._sessions.values())
+
     @property
     def draining(self) -> bool:
         return self._draining

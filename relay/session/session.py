@@ -71,8 +71,11 @@ class LiveSession:
         recorder: SessionRecorder,
         metrics: Metrics,
         write_state: StateWriter,
+        publish: Callable[[dict[str, Any]], None],
         on_closed: Callable[[LiveSession], None],
     ) -> None:
+        """``publish`` gets every event of the browser's ``events`` channel as it is sent (the
+        session's :class:`~relay.session.feed.EventFeed`); it must not block."""
         self.spec = spec
         self.id = spec.session_id
         self.state = SessionStatus.CREATED
@@ -80,6 +83,7 @@ class LiveSession:
         self._metrics = metrics
         self._recorder = recorder
         self._write_state = write_state
+        self._publish = publish
         self._on_closed = on_closed
         self._log = ContextLogger(log, {"session_id": self.id})
         self.origin = time.monotonic()
@@ -374,6 +378,8 @@ class LiveSession:
 
     # -- wiring --------------------------------------------------------------------------------
     def _send(self, event: dict[str, Any]) -> None:
+        # Published even while no browser leg is up (reconnecting): subscribers miss nothing.
+        self._publish(event)
         peer = self.peer
         if peer is not None:
             peer.send_event(event)

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import asyncio
 import io
+import json
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from typing import Any
@@ -20,6 +21,8 @@ from websockets.exceptions import ConnectionClosed, InvalidStatus
 
 from relay.api.realtime import SESSION_HEADER
 from relay.keys import REGISTRY
+from storage.db import Database
+from storage.models import Session
 from tests.api import Learner, signup
 from tests.live.conftest import Relay
 from tests.simulator.audio import silence, speech
@@ -70,6 +73,15 @@ async def session_status(relay: Relay, learner: Learner, session_id: str, *wante
             await asyncio.sleep(0.1)
 
 
+async def read_feed(feed: Any) -> list[dict[str, Any]]:
+    """Every event of a session's feed until the feed closes."""
+    events = []
+    async for msg in feed:
+        events.append(json.loads(msg.data))
+    await feed.close()
+    return events
+
+
 def decoded_ms(ogg: bytes) -> float:
     with av.open(io.BytesIO(ogg)) as container:
         samples = sum(frame.samples for frame in container.decode(audio=0))
@@ -81,6 +93,10 @@ async def test_a_server_vad_conversation_through_parley_is_recorded_and_readable
     learner = await signup(relay.client)
     key = await api_key(relay, learner)
     async with realtime(relay, key) as (conn, session_id):
+        feed = await relay.client.ws_connect(
+            f"/v1/sessions/{session_id}/events", headers={"Authorization": f"Bearer {key}"}
+        )
+        watched = asyncio.create_task(read_feed(feed))
         created = (await until(conn, "session.created"))[-1]
         # Parley applied the topic before the client spoke: its instructions and transcription are on.
         assert created.session.instructions  # type: ignore[union-attr]
@@ -104,31 +120,51 @@ async def test_a_server_vad_conversation_through_parley_is_recorded_and_readable
     speakers = [s["speaker"] for s in transcript["segments"]]
     assert speakers[:2] == ["learner", "coach"], speakers
     assert all(s["text"] for s in transcript["segments"])
+    # The event feed saw the same final transcript live, in order, then closed with the session.
+    seen = await asyncio.wait_for(watched, 20)
+    finals = [e["segment"] for e in seen if e["type"] == "transcript.final"]
+    assert [(f["id"], f["text"]) for f in finals] == [(s["id"], s["text"]) for s in transcript["segments"]]
+    assert [e["seq"] for e in seen] == list(range(1, len(seen) + 1))
+    states = [e["status"] for e in seen if e["type"] == "session.state"]
+    assert states == ["connecting", "live", "ending", "ended"]
     for track, at_least_ms in (("learner", 2000), ("coach", 500)):
         resp = await relay.client.get(f"/v1/sessions/{session_id}/audio/{track}", headers=learner.auth)
         assert resp.status == 200 and resp.content_type == "audio/ogg"
         assert decoded_ms(await resp.read()) >= at_least_ms, track
 
 
-@pytest.mark.parametrize(
-    ("event", "code", "param"),
-    [
-        ({"type": "session.update", "session": {"type": "realtime", "model": "gpt-4o-realtime-preview"}},
-         "model_not_allowed", "session.model"),
-        ({"type": "session.update", "session": {"type": "realtime", "tools": [
-            {"type": "mcp", "server_label": "x", "server_url": "https://example.org/mcp"}]}},
-         "tool_not_allowed", "session.tools[0].type"),
-        ({"type": "session.update", "session": {"type": "realtime", "audio": {"input": {"transcription": None}}}},
-         "transcription_required", "session.audio.input.transcription"),
-        ({"type": "session.update", "session": {"type": "transcription"}}, "session_type_not_allowed", "session.type"),
-        ({"type": "response.create", "response": {"prompt": {"id": "pmpt_1"}}}, "prompt_not_allowed", "response.prompt"),
-        ({"type": "no.such.event"}, "invalid_value", None),
-    ],
-)  # fmt: skip
+def update(**session: Any) -> dict[str, Any]:
+    return {"type": "session.update", "session": {"type": "realtime", **session}}
+
+
+MCP_TOOL = {"type": "mcp", "server_label": "x", "server_url": "https://example.org/mcp"}
+REFUSED = [
+    (update(model="gpt-4o-realtime-preview"), "model_not_allowed", "session.model"),
+    (update(tools=[MCP_TOOL]), "tool_not_allowed", "session.tools[0].type"),
+    (
+        update(audio={"input": {"transcription": None}}),
+        "transcription_required",
+        "session.audio.input.transcription",
+    ),
+    (
+        {"type": "session.update", "session": {"type": "transcription"}},
+        "session_type_not_allowed",
+        "session.type",
+    ),
+    (
+        {"type": "response.create", "response": {"prompt": {"id": "pmpt_1"}}},
+        "prompt_not_allowed",
+        "response.prompt",
+    ),
+    ({"type": "no.such.event"}, "invalid_value", None),
+]
+
+
+@pytest.mark.parametrize(("event", "code", "param"), REFUSED)
 async def test_a_disallowed_client_event_gets_an_error_event_and_the_socket_stays_open(
     relay: Relay, event: dict[str, Any], code: str, param: str | None
 ) -> None:
-    """Refused events are answered like OpenAI's own refusals (event_id echoed) and never reach the upstream."""
+    """Refused events are answered like OpenAI's refusals (event_id echoed) and never reach the upstream."""
     learner = await signup(relay.client)
     async with realtime(relay, await api_key(relay, learner)) as (conn, _):
         await until(conn, "session.created")
@@ -192,7 +228,7 @@ async def test_admission_applies_to_the_socket(relay_factory: Any) -> None:
 
 
 async def test_an_unavailable_upstream_is_an_error_event_then_close_1011(relay: Relay) -> None:
-    """The upstream refusing Parley's key: the client hears why, the socket closes 1011, the session failed."""
+    """The upstream refusing Parley: the client hears why, the socket closes 1011, the session failed."""
     relay.set_upstream(reject_status=500)
     learner = await signup(relay.client)
     async with realtime(relay, await api_key(relay, learner)) as (conn, session_id):
@@ -204,3 +240,29 @@ async def test_an_unavailable_upstream_is_an_error_event_then_close_1011(relay: 
                     await conn.recv_bytes()
         assert closed.value.rcvd is not None and closed.value.rcvd.code == 1011
     await session_status(relay, learner, session_id, "failed")
+
+
+async def test_shutting_down_closes_realtime_sockets_with_1001(relay: Relay) -> None:
+    """A node going away ends its socket sessions at once (1001, so clients reconnect elsewhere) and
+    their recordings are finalized as ended."""
+    learner = await signup(relay.client)
+    async with realtime(relay, await api_key(relay, learner)) as (conn, session_id):
+        await until(conn, "session.created")
+        closing = asyncio.create_task(relay.client.close())
+        with pytest.raises(ConnectionClosed) as closed:
+            async with asyncio.timeout(10):
+                while True:
+                    await conn.recv_bytes()
+        assert closed.value.rcvd is not None and closed.value.rcvd.code == 1001
+        await asyncio.wait_for(closing, 10)
+    db = Database(relay.settings.database_url)
+    try:
+        async with db.sessions() as s:
+            row = await s.get(Session, session_id)
+        assert (
+            row is not None
+            and row.status in ("ended", "processing", "processed")
+            and row.end_reason == "shutdown"
+        )
+    finally:
+        await db.aclose()
