@@ -20,7 +20,7 @@ from openai.resources.realtime.realtime import AsyncRealtimeConnection
 from websockets.exceptions import ConnectionClosed, InvalidStatus
 
 from relay.api.realtime import SESSION_HEADER
-from relay.keys import REGISTRY
+from relay.keys import METRICS, REGISTRY
 from storage.db import Database
 from storage.models import Session
 from tests.api import Learner, signup
@@ -127,6 +127,9 @@ async def test_a_server_vad_conversation_through_parley_is_recorded_and_readable
     assert [e["seq"] for e in seen] == list(range(1, len(seen) + 1))
     states = [e["status"] for e in seen if e["type"] == "session.state"]
     assert states == ["connecting", "live", "ending", "ended"]
+    registry = relay.client.app[METRICS].registry
+    assert registry.get_sample_value("parley_event_feed_subscriptions_total") == 1
+    assert registry.get_sample_value("parley_event_feed_subscribers") == 0
     for track, at_least_ms in (("learner", 2000), ("coach", 500)):
         resp = await relay.client.get(f"/v1/sessions/{session_id}/audio/{track}", headers=learner.auth)
         assert resp.status == 200 and resp.content_type == "audio/ogg"
@@ -173,6 +176,10 @@ async def test_a_disallowed_client_event_gets_an_error_event_and_the_socket_stay
         assert error.error.code == code and error.error.event_id == "evt_client_1"  # type: ignore[union-attr]
         if param is not None:
             assert error.error.param == param  # type: ignore[union-attr]
+        refused = relay.client.app[METRICS].registry.get_sample_value(
+            "parley_realtime_refused_events_total", {"code": code}
+        )
+        assert refused == 1
         await conn.session.update(session={"type": "realtime", "instructions": "Be brief."})
         updated = (await until(conn, "session.updated"))[-1]
         assert updated.session.instructions == "Be brief."  # type: ignore[union-attr]
