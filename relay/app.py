@@ -250,6 +250,7 @@ async def _live_sessions(app: web.Application) -> AsyncIterator[None]:
     monitor.start()
     app[LOOP_LAG] = monitor
     spool_root = settings.spool_dir
+    app[METRICS].spool_max_bytes.set(settings.spool_max_bytes)
     recorders = SpoolRecorderFactory(
         app[DATABASE],
         app[OBJECTS],

@@ -307,9 +307,40 @@ class Metrics:
             ["code"],
             registry=r,
         )
+        self.session_starts = Counter(
+            "parley_session_starts_total",
+            "Sessions that began connecting, by result: live (the conversation started) or failed (it "
+            "never did: the upstream or the media never came up). The ratio is the start success rate.",
+            ["result"],
+            registry=r,
+        )
+        self.spool_max_bytes = Gauge(
+            "parley_spool_max_bytes",
+            "PARLEY_SPOOL_MAX_BYTES: the spool budget; past it new sessions are refused.",
+            registry=r,
+        )
         self.gc_pauses = GcPauses()
+        self._zero_known_labels()
         r.register(self.gc_pauses)
         self._gc_hook = self.gc_pauses.hook
+
+    def _zero_known_labels(self) -> None:
+        """Create every known label value at 0: a series that first appears at 1 is invisible to
+        ``rate()``/``increase()``, so the first refusal or failure of a kind would never alert."""
+        for result in ("live", "failed"):
+            self.session_starts.labels(result)
+        for cause in ("capacity", "loop_lag", "draining", "spool_full"):
+            self.session_refusals.labels(cause)
+        for outcome in ("ok", "failed"):
+            self.upstream_reconnects.labels(outcome)
+        for kind in ("sent", "late", "dropped"):
+            self.playout_frames.labels(kind)
+        for part in ("store", "database", "file"):
+            self.upload_errors.labels(part)
+
+    def session_started(self, live: bool) -> None:
+        """A session reached ``live`` for the first time, or ended without ever doing so."""
+        self.session_starts.labels("live" if live else "failed").inc()
 
     def watch_feeds(self, read: FeedCounts) -> None:
         """Expose the event feeds' counters (call once per app)."""

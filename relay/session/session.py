@@ -354,8 +354,11 @@ class LiveSession:
             if old == SessionStatus.ENDING and new not in (SessionStatus.ENDED, SessionStatus.FAILED):
                 return
             self.state = new
-            if new == SessionStatus.LIVE:
+            if new == SessionStatus.LIVE and not self._ever_live:
                 self._ever_live = True
+                self._metrics.session_started(live=True)
+            elif new == SessionStatus.FAILED:
+                self._metrics.session_started(live=False)
             self._metrics.session_state(old, new)
             self._send({"type": "session.state", "status": new})
             try:

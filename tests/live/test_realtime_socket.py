@@ -130,6 +130,7 @@ async def test_a_server_vad_conversation_through_parley_is_recorded_and_readable
     registry = relay.client.app[METRICS].registry
     assert registry.get_sample_value("parley_event_feed_subscriptions_total") == 1
     assert registry.get_sample_value("parley_event_feed_subscribers") == 0
+    assert registry.get_sample_value("parley_session_starts_total", {"result": "live"}) == 1
     for track, at_least_ms in (("learner", 2000), ("coach", 500)):
         resp = await relay.client.get(f"/v1/sessions/{session_id}/audio/{track}", headers=learner.auth)
         assert resp.status == 200 and resp.content_type == "audio/ogg"
@@ -247,6 +248,9 @@ async def test_an_unavailable_upstream_is_an_error_event_then_close_1011(relay: 
                     await conn.recv_bytes()
         assert closed.value.rcvd is not None and closed.value.rcvd.code == 1011
     await session_status(relay, learner, session_id, "failed")
+    starts = relay.client.app[METRICS].registry
+    assert starts.get_sample_value("parley_session_starts_total", {"result": "failed"}) == 1
+    assert starts.get_sample_value("parley_session_starts_total", {"result": "live"}) == 0
 
 
 async def test_shutting_down_closes_realtime_sockets_with_1001(relay: Relay) -> None:
