@@ -49,6 +49,7 @@ from relay.keys import (
     METRICS,
     OBJECTS,
     PASSWORDS,
+    RATING,
     RECORDERS,
     REGISTRY,
     RETENTION,
@@ -69,6 +70,7 @@ from relay.session.registry import SessionRegistry
 from relay.upstream import open_upstream
 from relay.worker.jobs import Worker
 from relay.worker.kinds import default_kinds
+from relay.worker.rating_model import open_rating_model
 from relay.worker.retention import RetentionSweeper
 from storage import migrate
 from storage.db import Database, DatabaseUnavailable
@@ -117,6 +119,7 @@ def build_app(settings: Settings, *, passwords: PasswordHasher | None = None) ->
     app.cleanup_ctx.append(_event_feeds)  # before the sessions: closed after they drained
     app.cleanup_ctx.append(_live_sessions)
     app.cleanup_ctx.append(_retention)
+    app.cleanup_ctx.append(_rating_model)
     app.cleanup_ctx.append(_jobs)
     for module in (
         ops, auth, api_keys, topics, sessions, signaling, transcripts, recordings, publication, exports,
@@ -323,6 +326,19 @@ async def _realtime_going_away(app: web.Application) -> None:
     await asyncio.gather(*(bridge.end("shutdown") for bridge in bridges), return_exceptions=True)
 
 
+async def _rating_model(app: web.Application) -> AsyncIterator[None]:
+    """The rating model the in-process worker uses (OpenAI, PARLEY_RATING_URL, or the built-in rating
+    simulator); not opened when no worker runs in process. Closed after the worker stopped."""
+    settings = app[SETTINGS]
+    if settings.workers_in_process == 0:
+        yield
+        return
+    async with open_rating_model(settings) as rating:
+        app[RATING] = rating
+        log.info("rating.ready", extra={"kind": rating.kind})
+        yield
+
+
 async def _jobs(app: web.Application) -> AsyncIterator[None]:
     """The in-process job worker (``PARLEY_WORKERS_IN_PROCESS`` slots; 0: none). Closed first, before
     live sessions drain: jobs of sessions that end during the drain wait in the queue for the next
@@ -331,7 +347,8 @@ async def _jobs(app: web.Application) -> AsyncIterator[None]:
     if slots == 0:
         yield
         return
-    worker = Worker(app[DATABASE], app[OBJECTS], default_kinds(), metrics=app[METRICS], concurrency=slots)
+    kinds = default_kinds(app[RATING])
+    worker = Worker(app[DATABASE], app[OBJECTS], kinds, metrics=app[METRICS], concurrency=slots)
     app[JOBS] = worker
     worker.start()
     try:

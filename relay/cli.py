@@ -138,6 +138,7 @@ async def _worker(settings: Settings, concurrency: int, metrics_port: int | None
     from relay.observability.metrics import CONTENT_TYPE, Metrics
     from relay.worker.jobs import Worker
     from relay.worker.kinds import default_kinds
+    from relay.worker.rating_model import open_rating_model
     from storage.objects import ObjectStoreError, open_object_store
 
     metrics = Metrics()
@@ -165,14 +166,15 @@ async def _worker(settings: Settings, concurrency: int, metrics_port: int | None
                 raise ConfigError(
                     "--metrics-port", f"cannot listen on {metrics_port}: {exc.strerror}"
                 ) from None
-        worker = Worker(db, store, default_kinds(), metrics=metrics, concurrency=concurrency)
-        worker.start()
-        print(f"Parley worker is running ({concurrency} at a time)", flush=True)
-        log.info("worker.started", extra={"count": concurrency})
-        try:
-            await _wait_for_signal()
-        finally:
-            await worker.aclose()
+        async with open_rating_model(settings) as rating:
+            worker = Worker(db, store, default_kinds(rating), metrics=metrics, concurrency=concurrency)
+            worker.start()
+            print(f"Parley worker is running ({concurrency} at a time; rating: {rating.kind})", flush=True)
+            log.info("worker.started", extra={"count": concurrency, "kind": rating.kind})
+            try:
+                await _wait_for_signal()
+            finally:
+                await worker.aclose()
         log.info("worker.stopped")
     finally:
         if runner is not None:

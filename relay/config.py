@@ -30,6 +30,10 @@ MAX_CLIENT_SECRET_TTL_S: Final = 600
 MAX_RETENTION_DAYS: Final = 3650
 MAX_RETENTION_SWEEP_S: Final = 7 * 86400
 MAX_WORKERS_IN_PROCESS: Final = 16
+DEFAULT_RATING_MODEL: Final = "gpt-4.1-mini"
+MAX_RATING_TIMEOUT_S: Final = 600.0
+# storage.models.Rating.model holds the model's name.
+MAX_RATING_MODEL_LEN: Final = 128
 
 
 class ConfigError(ValueError):
@@ -116,6 +120,10 @@ class Settings:
     retention_sweep_s: float = 3600.0
     # Post-processing jobs run concurrently inside `parley serve` (0: only `parley worker` runs them).
     workers_in_process: int = 1
+    # Rating: the text model that scores a finished session (any OpenAI-compatible Chat Completions API).
+    rating_model: str = DEFAULT_RATING_MODEL
+    rating_url: str | None = None
+    rating_timeout_s: float = 60.0
 
     def __post_init__(self) -> None:
         # Derived defaults depend on data_dir; frozen dataclasses need object.__setattr__ for them.
@@ -192,6 +200,14 @@ class Settings:
                 "PARLEY_WORKERS_IN_PROCESS",
                 f"must be between 0 (off) and {MAX_WORKERS_IN_PROCESS}, got {self.workers_in_process}",
             )
+        if not self.rating_model or len(self.rating_model) > MAX_RATING_MODEL_LEN:
+            raise ConfigError("PARLEY_RATING_MODEL", f"must be 1 to {MAX_RATING_MODEL_LEN} characters")
+        if self.rating_url is not None:
+            _check_rating_url(self.rating_url)
+        if not 0 < self.rating_timeout_s <= MAX_RATING_TIMEOUT_S:
+            raise ConfigError(
+                "PARLEY_RATING_TIMEOUT", f"must be more than 0 and at most {MAX_RATING_TIMEOUT_S:g} seconds"
+            )
         for variable, value in (
             ("PARLEY_MAX_SESSIONS", self.max_sessions),
             ("PARLEY_SESSIONS_PER_MINUTE", self.session_create_per_minute),
@@ -209,7 +225,10 @@ class Settings:
             f"model={self.model!r}, log_level={self.log_level!r}, "
             f"oidc_issuer={self.oidc_issuer!r}, admin_emails=<{len(self.admin_emails)}>, "
             f"ice_servers=<{len(self.ice_servers)}>, max_sessions={self.max_sessions}, "
-            f"retention_days={self.retention_days}, workers_in_process={self.workers_in_process})"
+            f"retention_days={self.retention_days}, workers_in_process={self.workers_in_process}, "
+            f"rating_model={self.rating_model!r}, "
+            f"rating_url={None if self.rating_url is None else mask_url(self.rating_url)!r}, "
+            f"rating_timeout_s={self.rating_timeout_s})"
         )
 
     @property
@@ -221,6 +240,12 @@ class Settings:
     def upstream_kind(self) -> str:
         """``"openai"`` when a key or an explicit upstream is configured, else ``"simulator"``."""
         return "openai" if self.openai_api_key is not None or self.upstream_url else "simulator"
+
+    @property
+    def rating_kind(self) -> str:
+        """``"openai"`` (or the compatible API at ``PARLEY_RATING_URL``) when a key or that URL is
+        configured, else ``"simulator"`` (the built-in rating simulator)."""
+        return "openai" if self.openai_api_key is not None or self.rating_url else "simulator"
 
     @classmethod
     def from_env(
@@ -288,6 +313,9 @@ class Settings:
                 "PARLEY_RETENTION_SWEEP_SECONDS", get("PARLEY_RETENTION_SWEEP_SECONDS"), 3600.0
             ),
             workers_in_process=_int("PARLEY_WORKERS_IN_PROCESS", get("PARLEY_WORKERS_IN_PROCESS"), 1),
+            rating_model=get("PARLEY_RATING_MODEL") or DEFAULT_RATING_MODEL,
+            rating_url=get("PARLEY_RATING_URL"),
+            rating_timeout_s=_float("PARLEY_RATING_TIMEOUT", get("PARLEY_RATING_TIMEOUT"), 60.0),
         )
 
 
@@ -384,24 +412,51 @@ def _check_upstream_url(url: str) -> None:
         )
 
 
-def _load_or_create_key(data_dir: Path) -> Secret:
-    """Keep one generated signing key per data dir so tokens survive restarts."""
-    path = data_dir / SECRET_KEY_FILE
+def _check_rating_url(url: str) -> None:
     try:
-        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
-    except FileExistsError:
+        parts = urlsplit(url)
+        _ = parts.port
+    except ValueError:
+        raise ConfigError("PARLEY_RATING_URL", "is not a valid URL") from None
+    if parts.scheme not in ("http", "https") or not parts.hostname:
+        raise ConfigError(
+            "PARLEY_RATING_URL",
+            "must be the http(s) base URL of an OpenAI-compatible API, e.g. http://127.0.0.1:8000/v1",
+        )
+
+
+def _load_or_create_key(data_dir: Path) -> Secret:
+    """Keep one generated signing key per data dir so tokens survive restarts.
+
+    Several processes may start on one data dir at once (``parley serve --workers``, workers): the
+    key is written to a private temporary file first and linked into place in one step, so a
+    process either creates the whole file or finds another's whole file, never a partial one.
+    """
+    path = data_dir / SECRET_KEY_FILE
+    if not path.exists():
+        key = secrets.token_urlsafe(48)
+        tmp = data_dir / f".{SECRET_KEY_FILE}.{os.getpid()}.{secrets.token_hex(4)}"
+        try:
+            fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+            with os.fdopen(fd, "w", encoding="ascii") as fh:
+                fh.write(key + "\n")
+                fh.flush()
+                os.fsync(fh.fileno())
+            os.link(tmp, path)  # atomic, and fails if another process linked its key first
+            return Secret(key)
+        except FileExistsError:
+            pass
+        except OSError as exc:
+            raise ConfigError("PARLEY_SECRET_KEY", f"cannot create {path}: {exc.strerror}") from None
+        finally:
+            tmp.unlink(missing_ok=True)
+    try:
         mode = stat.S_IMODE(path.stat().st_mode)
-        if mode & 0o077:
-            raise ConfigError(
-                "PARLEY_SECRET_KEY", f"{path} is readable by others (mode {mode:o}); chmod 600 it"
-            ) from None
         key = path.read_text(encoding="ascii").strip()
-        if len(key) < MIN_SECRET_KEY_LEN:
-            raise ConfigError("PARLEY_SECRET_KEY", f"{path} holds a key that is too short") from None
-        return Secret(key)
     except OSError as exc:
-        raise ConfigError("PARLEY_SECRET_KEY", f"cannot create {path}: {exc.strerror}") from None
-    key = secrets.token_urlsafe(48)
-    with os.fdopen(fd, "w", encoding="ascii") as fh:
-        fh.write(key + "\n")
+        raise ConfigError("PARLEY_SECRET_KEY", f"cannot read {path}: {exc.strerror}") from None
+    if mode & 0o077:
+        raise ConfigError("PARLEY_SECRET_KEY", f"{path} is readable by others (mode {mode:o}); chmod 600 it")
+    if len(key) < MIN_SECRET_KEY_LEN:
+        raise ConfigError("PARLEY_SECRET_KEY", f"{path} holds a key that is too short")
     return Secret(key)

@@ -17,6 +17,7 @@ from relay.session.feed import FeedRegistry
 from relay.session.registry import SessionRegistry
 from relay.upstream import Upstream
 from relay.worker.jobs import Worker
+from relay.worker.rating_model import RatingModel
 from relay.worker.retention import RetentionSweeper
 from storage.db import Database
 from storage.objects import ObjectStore
@@ -39,5 +40,7 @@ LOOP_LAG = web.AppKey("loop_lag", LoopLagMonitor)
 RETENTION = web.AppKey("retention", RetentionSweeper)
 # Set only while `parley serve` runs post-processing jobs itself (PARLEY_WORKERS_IN_PROCESS > 0).
 JOBS = web.AppKey("jobs", Worker)
+# The text model that rates finished sessions; set only while the in-process worker runs.
+RATING = web.AppKey("rating", RatingModel)
 # The main tasks of live sessions, so shutdown can wait for them.
 LIVE = web.AppKey[set[asyncio.Task[None]]]("live_tasks")

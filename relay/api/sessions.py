@@ -21,7 +21,7 @@ from relay.errors import BadRequest, Conflict, NotFound, RateLimited
 from relay.keys import DATABASE, LIMITS, SETTINGS, TOKENS
 from relay.observability.logging import hash_id
 from relay.security.principals import Principal
-from storage import retention, sessions, topics
+from storage import ratings, retention, sessions, topics
 from storage.models import SessionStatus
 
 __all__ = ["routes"]
@@ -113,7 +113,9 @@ async def list_sessions(request: web.Request) -> web.Response:
             page = await sessions.list_owned_sessions(
                 s, principal.user_id, limit=int(raw_limit), cursor=cursor
             )
-            audio = await sessions.recordings(s, [x.id for x in page.sessions])
+            ids = [x.id for x in page.sessions]
+            audio = await sessions.recordings(s, ids)
+            rated = await ratings.ratings_for(s, ids)
     except sessions.InvalidCursor:
         raise BadRequest(
             "cursor: not a cursor this API handed out", code="invalid_request", field="cursor"
@@ -122,7 +124,10 @@ async def list_sessions(request: web.Request) -> web.Response:
         {
             "sessions": [
                 session_view(
-                    x, audio.get(x.id, ()), default_retention_days=request.app[SETTINGS].retention_days
+                    x,
+                    audio.get(x.id, ()),
+                    default_retention_days=request.app[SETTINGS].retention_days,
+                    rating=rated.get(x.id),
                 )
                 for x in page.sessions
             ],
@@ -137,9 +142,13 @@ async def get_session(request: web.Request) -> web.Response:
     async with request.app[DATABASE].sessions() as s:
         session = await owned_session(s, request.match_info["session_id"], principal.user_id)
         audio = await sessions.recordings(s, [session.id])
+        rating = await ratings.get_rating(s, session.id)
     return web.json_response(
         session_view(
-            session, audio.get(session.id, ()), default_retention_days=request.app[SETTINGS].retention_days
+            session,
+            audio.get(session.id, ()),
+            default_retention_days=request.app[SETTINGS].retention_days,
+            rating=rating,
         )
     )
 
@@ -166,6 +175,7 @@ async def change_session(request: web.Request) -> web.Response:
         if not changed:  # being deleted
             raise NotFound(NOT_FOUND)
         audio = await sessions.recordings(s, [session.id])
+        rating = await ratings.get_rating(s, session.id)
     log.info(
         "session.retention",
         extra={
@@ -176,6 +186,9 @@ async def change_session(request: web.Request) -> web.Response:
     )
     return web.json_response(
         session_view(
-            session, audio.get(session.id, ()), default_retention_days=request.app[SETTINGS].retention_days
+            session,
+            audio.get(session.id, ()),
+            default_retention_days=request.app[SETTINGS].retention_days,
+            rating=rating,
         )
     )

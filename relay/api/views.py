@@ -62,12 +62,17 @@ def segment_view(row: TranscriptSegment) -> dict[str, Any]:
 
 
 def session_view(
-    session: Session, recordings: Sequence[AudioRecording] = (), *, default_retention_days: int | None
+    session: Session,
+    recordings: Sequence[AudioRecording] = (),
+    *,
+    default_retention_days: int | None,
+    rating: Rating | None = None,
 ) -> dict[str, Any]:
     """API.md's Session, plus ``retention``: the learner's choice and when the session will be deleted
     (``expires_at`` is ``null`` while it is kept: retained, no limit, or still going).
 
-    ``default_retention_days`` is the deployment's ``PARLEY_RETENTION_DAYS`` (``None`` when off).
+    ``default_retention_days`` is the deployment's ``PARLEY_RETENTION_DAYS`` (``None`` when off);
+    ``rating`` is the session's rating row (``"rating": null`` until the rating job has begun).
     """
     return {
         "id": session.id,
@@ -82,7 +87,7 @@ def session_view(
             {"track": r.track, "duration_ms": r.duration_ms, "format": r.format}
             for r in sorted(recordings, key=lambda r: r.track)
         ],
-        "rating": None,
+        "rating": None if rating is None else rating_view(rating),
         "retention": {
             "retain": session.retain,
             "retention_days": session.retention_days,
@@ -92,7 +97,8 @@ def session_view(
 
 
 def rating_view(rating: Rating) -> dict[str, Any]:
-    """API.md's Rating."""
+    """API.md's Rating: ``pending`` carries the metrics while the model is asked, ``failed`` keeps them
+    (the feedback could not be had); ``done`` adds the scores, feedback and model."""
     return {
         "status": rating.status,
         "scores": dict(rating.scores),

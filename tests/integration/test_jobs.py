@@ -479,10 +479,10 @@ async def test_two_worker_processes_do_every_job_exactly_once_on_postgresql(tmp_
                             start_new_session=True,
                         )
                     )
-            for proc in procs:
+            for proc, log in zip(procs, logs, strict=True):
                 assert proc.stdout is not None
                 line = (await asyncio.wait_for(proc.stdout.readline(), 60)).decode()
-                assert "Parley worker is running" in line, (line, proc.returncode)
+                assert "Parley worker is running" in line, (line, proc.returncode, log.read_text()[-2000:])
             started = time.monotonic()
             sids = await _make_ended_sessions(db, JOBS_FOR_TWO)
 

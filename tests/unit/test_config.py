@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import multiprocessing
 import os
 import stat
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -34,6 +36,31 @@ def test_generated_secret_key_is_private_and_stable(tmp_path: Path) -> None:
     second = Settings.from_env(env(tmp_path), dotenv=None)
     assert first.secret_key == second.secret_key
     assert len(first.secret_key.reveal()) >= 32
+
+
+def _key_when_told(data_dir: str, go: Any, out: Any) -> None:
+    go.wait()
+    try:
+        out.put(Settings.from_env({"PARLEY_DATA_DIR": data_dir}, dotenv=None).secret_key.reveal())
+    except ConfigError as exc:
+        out.put(f"error: {exc}")
+
+
+def test_processes_starting_together_share_one_whole_key(tmp_path: Path) -> None:
+    """Eight processes creating the key at the same moment all end with the same, whole key
+    (`parley serve --workers` and `parley worker`s start on one data dir together)."""
+    ctx = multiprocessing.get_context("fork")
+    go, out = ctx.Event(), ctx.Queue()
+    (tmp_path / "data").mkdir()
+    procs = [ctx.Process(target=_key_when_told, args=(str(tmp_path / "data"), go, out)) for _ in range(8)]
+    for proc in procs:
+        proc.start()
+    go.set()
+    keys = [out.get(timeout=30) for _ in procs]
+    for proc in procs:
+        proc.join(30)
+    assert len(set(keys)) == 1 and len(keys[0]) >= 32, keys
+    assert [p.name for p in (tmp_path / "data").iterdir()] == ["secret_key"]  # no temporary file left
 
 
 def test_world_readable_key_file_is_refused(tmp_path: Path) -> None:
