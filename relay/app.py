@@ -348,7 +348,10 @@ async def _jobs(app: web.Application) -> AsyncIterator[None]:
         yield
         return
     kinds = default_kinds(app[RATING])
-    worker = Worker(app[DATABASE], app[OBJECTS], kinds, metrics=app[METRICS], concurrency=slots)
+    worker = Worker(
+        app[DATABASE], app[OBJECTS], kinds, metrics=app[METRICS], concurrency=slots,
+        lease_s=app[SETTINGS].job_lease_s,
+    )  # fmt: skip
     app[JOBS] = worker
     worker.start()
     try:

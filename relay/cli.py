@@ -167,7 +167,10 @@ async def _worker(settings: Settings, concurrency: int, metrics_port: int | None
                     "--metrics-port", f"cannot listen on {metrics_port}: {exc.strerror}"
                 ) from None
         async with open_rating_model(settings) as rating:
-            worker = Worker(db, store, default_kinds(rating), metrics=metrics, concurrency=concurrency)
+            worker = Worker(
+                db, store, default_kinds(rating), metrics=metrics, concurrency=concurrency,
+                lease_s=settings.job_lease_s,
+            )  # fmt: skip
             worker.start()
             print(f"Parley worker is running ({concurrency} at a time; rating: {rating.kind})", flush=True)
             log.info("worker.started", extra={"count": concurrency, "kind": rating.kind})

@@ -30,6 +30,7 @@ MAX_CLIENT_SECRET_TTL_S: Final = 600
 MAX_RETENTION_DAYS: Final = 3650
 MAX_RETENTION_SWEEP_S: Final = 7 * 86400
 MAX_WORKERS_IN_PROCESS: Final = 16
+MAX_JOB_LEASE_S: Final = 3600.0
 DEFAULT_RATING_MODEL: Final = "gpt-4.1-mini"
 MAX_RATING_TIMEOUT_S: Final = 600.0
 # storage.models.Rating.model holds the model's name.
@@ -120,6 +121,8 @@ class Settings:
     retention_sweep_s: float = 3600.0
     # Post-processing jobs run concurrently inside `parley serve` (0: only `parley worker` runs them).
     workers_in_process: int = 1
+    # How long a job's claim lasts without renewal: a crashed worker's job is taken over after it.
+    job_lease_s: float = 60.0
     # Rating: the text model that scores a finished session (any OpenAI-compatible Chat Completions API).
     rating_model: str = DEFAULT_RATING_MODEL
     rating_url: str | None = None
@@ -199,6 +202,10 @@ class Settings:
             raise ConfigError(
                 "PARLEY_WORKERS_IN_PROCESS",
                 f"must be between 0 (off) and {MAX_WORKERS_IN_PROCESS}, got {self.workers_in_process}",
+            )
+        if not 1 <= self.job_lease_s <= MAX_JOB_LEASE_S:
+            raise ConfigError(
+                "PARLEY_JOB_LEASE_SECONDS", f"must be between 1 and {MAX_JOB_LEASE_S:.0f} seconds"
             )
         if not self.rating_model or len(self.rating_model) > MAX_RATING_MODEL_LEN:
             raise ConfigError("PARLEY_RATING_MODEL", f"must be 1 to {MAX_RATING_MODEL_LEN} characters")
@@ -313,6 +320,7 @@ class Settings:
                 "PARLEY_RETENTION_SWEEP_SECONDS", get("PARLEY_RETENTION_SWEEP_SECONDS"), 3600.0
             ),
             workers_in_process=_int("PARLEY_WORKERS_IN_PROCESS", get("PARLEY_WORKERS_IN_PROCESS"), 1),
+            job_lease_s=_float("PARLEY_JOB_LEASE_SECONDS", get("PARLEY_JOB_LEASE_SECONDS"), 60.0),
             rating_model=get("PARLEY_RATING_MODEL") or DEFAULT_RATING_MODEL,
             rating_url=get("PARLEY_RATING_URL"),
             rating_timeout_s=_float("PARLEY_RATING_TIMEOUT", get("PARLEY_RATING_TIMEOUT"), 60.0),

@@ -97,6 +97,11 @@ def outcome(metrics: Metrics, kind: str, name: str) -> float:
     )
 
 
+def log_tail(log: Path) -> str:
+    """The end of a worker's log, for a failure message (read only when an assertion fails)."""
+    return log.read_text()[-2000:]
+
+
 async def until(check: Callable[[], Coroutine[Any, Any, bool]], timeout: float = 10.0) -> None:
     async with asyncio.timeout(timeout):
         while not await check():
@@ -482,7 +487,7 @@ async def test_two_worker_processes_do_every_job_exactly_once_on_postgresql(tmp_
             for proc, log in zip(procs, logs, strict=True):
                 assert proc.stdout is not None
                 line = (await asyncio.wait_for(proc.stdout.readline(), 60)).decode()
-                assert "Parley worker is running" in line, (line, proc.returncode, log.read_text()[-2000:])
+                assert "Parley worker is running" in line, (line, proc.returncode, log_tail(log))
             started = time.monotonic()
             sids = await _make_ended_sessions(db, JOBS_FOR_TWO)
 
@@ -533,3 +538,13 @@ async def test_two_worker_processes_do_every_job_exactly_once_on_postgresql(tmp_
     assert text.count('"jobs.finished"') == JOBS_FOR_TWO
     found = find_leaks(text, "parley worker stderr", DETECTORS)
     assert not found, "\n".join(map(str, found))
+
+
+@pytest.mark.parametrize("raw", ["0", "0.5", "3601", "long"])
+def test_a_bad_job_lease_names_its_variable(tmp_path: Path, raw: str) -> None:
+    """PARLEY_JOB_LEASE_SECONDS outside 1..3600 (or not a number) stops the start, naming itself."""
+    with pytest.raises(ConfigError) as caught:
+        Settings.from_env({"PARLEY_DATA_DIR": str(tmp_path), "PARLEY_JOB_LEASE_SECONDS": raw}, dotenv=None)
+    assert caught.value.variable == "PARLEY_JOB_LEASE_SECONDS"
+    short = Settings.from_env({"PARLEY_DATA_DIR": str(tmp_path), "PARLEY_JOB_LEASE_SECONDS": "5"}, dotenv=None)
+    assert short.job_lease_s == 5.0
