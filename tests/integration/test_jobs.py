@@ -546,5 +546,5 @@ def test_a_bad_job_lease_names_its_variable(tmp_path: Path, raw: str) -> None:
     with pytest.raises(ConfigError) as caught:
         Settings.from_env({"PARLEY_DATA_DIR": str(tmp_path), "PARLEY_JOB_LEASE_SECONDS": raw}, dotenv=None)
     assert caught.value.variable == "PARLEY_JOB_LEASE_SECONDS"
-    short = Settings.from_env({"PARLEY_DATA_DIR": str(tmp_path), "PARLEY_JOB_LEASE_SECONDS": "5"}, dotenv=None)
-    assert short.job_lease_s == 5.0
+    short = {"PARLEY_DATA_DIR": str(tmp_path), "PARLEY_JOB_LEASE_SECONDS": "5"}
+    assert Settings.from_env(short, dotenv=None).job_lease_s == 5.0

@@ -27,13 +27,19 @@ from urllib.parse import urlsplit, urlunsplit
 import aiohttp
 import av
 import pytest
-from sqlalchemy import func, select
+from sqlalchemy import func, select, update
 
-from relay.keys import DATABASE, METRICS
+from relay.config import Secret
+from relay.keys import DATABASE, METRICS, OBJECTS
+from relay.observability.metrics import Metrics
 from relay.simulator import SimulatorOptions
+from relay.simulator.rating import RatingSimulator, RatingSimulatorOptions
+from relay.worker.jobs import Worker
+from relay.worker.kinds import default_kinds
+from relay.worker.rating_model import RatingModel
 from storage import migrate
 from storage.db import Database
-from storage.models import AudioChunk, AudioGap, AudioRecording, Session, TranscriptSegment
+from storage.models import AudioChunk, AudioGap, AudioRecording, Job, Session, TranscriptSegment
 from storage.objects import open_object_store
 from tests.api import ENDED_OR_LATER, Learner, signup
 from tests.fakes.relay_process import RelayProcess, relay_env
@@ -717,3 +723,99 @@ async def test_two_minute_session_is_stored_completely(
         f"the learner's stream plays {decoded_ms} of {learner_end} ms"
     )
     check_complete(tracks, learner_ms=sent, coach_ms=coach_sent)
+
+
+# -- 6. the model drops, then post-processing fails -------------------------------------------------
+
+
+async def test_upstream_drop_and_failing_rating_keep_audio_and_transcript_complete(
+    pg_url: str, s3_store_url: str, tapped_sim: None, relay_factory: RelayFactory
+) -> None:
+    """The model's connection drops mid-conversation and the rating model fails every call: the
+    session ends processing_failed with a failed rating, and both tracks and every stored final are
+    complete and readable, the same before and after post-processing."""
+    async with RatingSimulator(RatingSimulatorOptions(fail_status=503)) as rating_sim:
+        relay = await relay_factory(
+            PARLEY_DATABASE_URL=pg_url,
+            PARLEY_OBJECT_STORE_URL=s3_store_url,
+            PARLEY_WORKERS_IN_PROCESS="0",  # this test's own worker runs the job, with fast retries
+        )
+        db = relay.client.app[DATABASE]
+        relay.set_upstream(drop_after_s=4.0)
+        call = await start_call(relay)
+        relay.set_upstream(drop_after_s=None)  # only the first upstream connection drops
+        await turn(call, 1)
+        await call.wait_event(lambda m: m.get("type") == "error" and m.get("code") == "upstream_retrying")
+        await turn(call, 2)
+        await turn(call, 3)
+        sent = await hang_up(relay, call)
+        tracks = await stored_tracks(db, call.session_id)
+        rows = await transcript_rows(db, call.session_id)
+        before = await readable(relay, call)
+
+        async with db.sessions.begin() as s:  # two attempts, so the job dies within the test
+            await s.execute(update(Job).where(Job.session_id == call.session_id).values(max_attempts=2))
+        model = RatingModel(
+            base_url=rating_sim.base_url, api_key=Secret("sk-parley-test"), model="rating-test",
+            timeout_s=5.0, kind="simulator",
+        )  # fmt: skip
+        worker = Worker(db, relay.client.app[OBJECTS], default_kinds(model), metrics=Metrics(),
+                        poll_s=0.05, backoff_base_s=0.01, backoff_cap_s=0.05)  # fmt: skip
+        try:
+            async with asyncio.timeout(30):
+                while (await job_status(db, call.session_id)) != "dead":
+                    if await worker.run_once() is None:
+                        await asyncio.sleep(0.02)
+        finally:
+            await worker.aclose()
+            await model.aclose()
+        assert rating_sim.calls == 2
+
+    report("upstream drop + failing rating", learner_sent_ms=sent, rows=len(rows),
+           stored_ms={k: t.recording.duration_ms for k, t in tracks.items()})  # fmt: skip
+    view = await (await relay.client.get(f"/v1/sessions/{call.session_id}", headers=call.learner.auth)).json()
+    assert view["status"] == "processing_failed"
+    assert view["rating"]["status"] == "failed" and view["rating"]["metrics"]["learner_turns"] >= 2
+    # Audio: nothing declared lost, the learner's track is all the browser sent.
+    learner, coach = tracks["learner"], tracks["coach"]
+    assert learner.recording.status == coach.recording.status == "complete"
+    assert learner.recording.lost_ms == coach.recording.lost_ms == 0
+    assert abs(learner.recording.duration_ms - sent) <= MATCH_MS, (learner.recording.duration_ms, sent)
+    check_manifest(learner, continuous=True)
+    check_manifest(coach, continuous=False)
+    assert 0 < coach.recording.duration_ms <= coach_audio_ms(sim_log(relay)) + MATCH_MS
+    # Transcript: every stored row is a final the model sent, each once; the browser was told of each.
+    # A coach answer cut when the upstream dropped is stored as what was heard: a truncated prefix.
+    sent_finals = {(f.speaker, f.item_id): f.text for f in finals_in_order(sim_log(relay))}
+    for r in rows:
+        full = sent_finals.get((r.speaker, r.item_id))
+        assert full is not None, (r.speaker, r.item_id)
+        assert r.text == full or (r.truncated and full.startswith(r.text)), (r.text, full)
+    assert sum(r.truncated for r in rows) <= 1
+    assert len({(r.speaker, r.item_id) for r in rows}) == len(rows)
+    assert [r.speaker for r in rows].count("coach") >= 3
+    # The browser was told of each stored row (a cut answer twice: whole, then as heard).
+    assert {e["segment"]["id"] for e in call.events("transcript.final")} == {r.id for r in rows}
+    # Post-processing failing changed nothing the learner can read.
+    assert await readable(relay, call) == before
+
+
+async def readable(relay: Relay, call: Call) -> tuple[Any, bytes, bytes]:
+    """The transcript and both audio tracks, as the learner reads them through the API."""
+    auth = call.learner.auth
+    transcript = await (
+        await relay.client.get(f"/v1/sessions/{call.session_id}/transcript", headers=auth)
+    ).json()
+    tracks = []
+    for track in ("learner", "coach"):
+        resp = await relay.client.get(f"/v1/sessions/{call.session_id}/audio/{track}", headers=auth)
+        assert resp.status == 200, track
+        tracks.append(await resp.read())
+    assert all(tracks) and len(transcript["segments"]) >= 6
+    return transcript, tracks[0], tracks[1]
+
+
+async def job_status(db: Database, session_id: str) -> str:
+    async with db.sessions() as s:
+        status: str = (await s.execute(select(Job.status).where(Job.session_id == session_id))).scalar_one()
+    return status
