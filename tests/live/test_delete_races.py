@@ -11,8 +11,10 @@ a :class:`TcpProxy`) serves 20 rounds in sequence, each with its own learner and
 2. at a random moment makes the object store fail: either *cut* (connections refused and reset:
    segments wait in the spool, the uploader retries) or *slow* (a few KiB/s: puts, reads and the
    delete's own calls are in flight for a while);
-3. runs the activities of :data:`IN_FLIGHT` concurrently, each from its own random moment: today an
-   export of the same session, read slowly by the client;
+3. runs the activities of :data:`IN_FLIGHT` concurrently, each from its own random moment: an
+   export of the same session, read slowly by the client, and (in most rounds) the end of the call,
+   whose finalize job then assembles the tracks and rates the session on a model that takes
+   0.5-3 s to answer, so the DELETE often lands while the job runs or the model call is in flight;
 4. at a random moment 0-3 s into the round sends ``DELETE /v1/sessions/{id}``, and gives the store
    back at a random moment around it (up to 0.5 s before, up to 2 s after). A delete that answers
    ``503 delete_incomplete`` (the store was still down) is retried, as the learner is told to;
@@ -44,7 +46,7 @@ import random
 import time
 import zipfile
 from collections.abc import AsyncIterator, Awaitable, Callable, Coroutine, Iterator
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any, Final
 from urllib.parse import urlsplit, urlunsplit
@@ -54,9 +56,21 @@ import pytest
 from sqlalchemy import func, select
 
 from relay.keys import DATABASE, RECORDERS, SETTINGS
+from relay.simulator.rating import RatingSimulator
 from storage.db import Database
 from storage.deletion import session_prefix
-from storage.models import AudioChunk, AudioGap, AudioRecording, AuditEvent, Base, Session, SessionTombstone
+from storage.models import (
+    AudioChunk,
+    AudioGap,
+    AudioRecording,
+    AuditEvent,
+    Base,
+    Job,
+    Rating,
+    Session,
+    SessionTombstone,
+    TranscriptSegment,
+)
 from storage.objects import ObjectStore, open_object_store
 from storage.recorder import SpoolRecorderFactory
 from storage.uploader import MAX_RETRY_INTERVAL_S
@@ -132,6 +146,8 @@ class Plan:
     export_at: float
     read_bytes: int
     read_pause_s: float
+    end_at: float | None  # the learner ends the call (its finalize job starts), or None: deleted live
+    rating_delay_s: float  # how long the rating model takes to answer
 
     @classmethod
     def draw(cls, seed: int) -> Plan:
@@ -148,11 +164,18 @@ class Plan:
         # through a slow store from its start (a cut one answers 503 at once: it may start earlier).
         earliest = fault_at if store == "slow" else max(0.1, fault_at - 1.0)
         export_at = rng.uniform(earliest, delete_at + 0.3)
+        # Mostly the call ends shortly before the DELETE, so its finalize job (assembly, then the
+        # rating waiting on a slow model) is under way when the delete lands; else it is deleted live.
+        end_at = (
+            rng.uniform(max(0.0, delete_at - 2.5), max(0.0, delete_at - 0.2)) if rng.random() < 0.7 else None
+        )
+        rating_delay_s = rng.uniform(0.5, 3.0)
         return cls(
             seed=seed, store=store, fault_at=round(fault_at, 3), slow_bytes_per_s=slow,
             delete_at=round(delete_at, 3), restore_at=round(restore_at, 3),
             export_at=round(export_at, 3), read_bytes=rng.choice([1024, 4096, 16384]),
             read_pause_s=round(rng.uniform(0.02, 0.15), 3),
+            end_at=None if end_at is None else round(end_at, 3), rating_delay_s=round(rating_delay_s, 3),
         )  # fmt: skip
 
     def describe(self) -> str:
@@ -160,7 +183,8 @@ class Plan:
         return (
             f"seed={self.seed} store {fault}@{self.fault_at}s back@{self.restore_at}s "
             f"delete@{self.delete_at}s export@{self.export_at}s "
-            f"read {self.read_bytes}B/{self.read_pause_s}s"
+            f"read {self.read_bytes}B/{self.read_pause_s}s "
+            f"end@{self.end_at if self.end_at is not None else '-'}s rating {self.rating_delay_s}s"
         )
 
 
@@ -174,7 +198,9 @@ class Round:
     learner: Learner
     proxy: TcpProxy
     store: ObjectStore  # the bucket itself, not through the proxy: what is really there
+    rating_sim: RatingSimulator
     call: Call | None = None
+    model_calls_before: int = 0
     t0: float = 0.0
     delete_sent: float | None = None  # loop time
     delete_done: float | None = None
@@ -335,14 +361,71 @@ def zip_problems(data: bytes) -> list[str]:
     return problems
 
 
+EARLIER_TURNS: Final = (
+    ("learner", "I would like a large coffee with oat milk please"),
+    ("coach", "Of course, anything else for you today?"),
+    ("learner", "Maybe a croissant and a glass of water too"),
+)
+
+
+@dataclass
+class JobSeen:
+    ended: int | None = None  # the status of POST /end, None if the plan deletes the call live
+    job: str | None = None  # the finalize job's status last seen before the DELETE
+    rating: str | None = None  # the rating's status last seen before the DELETE
+    model_calls: int = 0  # rating calls the model received before the DELETE
+
+
+async def end_and_post_process(r: Round) -> JobSeen:
+    """End the call at the plan's moment, then watch its finalize job until the DELETE is sent."""
+    seen = JobSeen()
+    if r.plan.end_at is None:
+        return seen
+    await r.until(r.plan.end_at)
+    if r.delete_sent is not None:
+        return seen
+    db = r.relay.client.app[DATABASE]
+    # Earlier turns of the conversation, so the rating has enough speech to ask the (slow) model;
+    # the round's own call is too short to be transcribed in time.
+    async with db.sessions.begin() as s:
+        s.add_all(
+            TranscriptSegment(session_id=r.session_id, seq=100 + i, speaker=speaker, text=text,
+                              start_ms=100 + 2000 * i, end_ms=1900 + 2000 * i, item_id=f"earlier_{i}")
+            for i, (speaker, text) in enumerate(EARLIER_TURNS)
+        )  # fmt: skip
+    resp = await r.relay.client.post(f"/v1/sessions/{r.session_id}/end", headers=r.learner.auth)
+    seen.ended = resp.status
+    while r.delete_sent is None:
+        async with db.sessions() as s:
+            seen.job = (await s.execute(select(Job.status).where(Job.session_id == r.session_id))).scalar()
+            seen.rating = (
+                await s.execute(select(Rating.status).where(Rating.session_id == r.session_id))
+            ).scalar()
+        seen.model_calls = r.rating_sim.calls - r.model_calls_before
+        await asyncio.sleep(0.05)
+    return seen
+
+
+async def check_post_processing(r: Round, seen: JobSeen) -> None:
+    """The end answered 200 (or 404 once the delete had begun); what the job did is reported, and
+    the row, object and spool checks (every table with a session_id, ratings and jobs included)
+    prove it wrote nothing that outlives the delete."""
+    if seen.ended is None:
+        r.outcomes["job"] = "none (deleted live)"
+        return
+    r.outcomes["job"] = (
+        f"end {seen.ended}, job {seen.job}, rating {seen.rating}, model calls {seen.model_calls}"
+    )
+    if seen.ended not in (200, 404):
+        r.fail(f"POST /end answered {seen.ended}")
+
+
 #: Everything that is running against the session when the delete lands, besides the live call and
-#: its uploads. EXTENSION POINT (issue #9): once the rating worker exists, add an Activity that
-#: starts a rating job for the session (e.g. end a copy of the round's call and enqueue its job, or
-#: let the worker pick it up) and checks that it stopped without writing: no ratings or jobs row,
-#: no object, nothing after the tombstone. The row, object and spool checks below already cover the
-#: ratings and jobs tables (every table with a session_id column).
+#: its uploads: an export streaming, and (in most rounds) the finalize job of the just-ended call,
+#: assembling its tracks or waiting on the rating model.
 IN_FLIGHT: list[Activity] = [
     Activity("export", stream_export, check_export),
+    Activity("job", end_and_post_process, check_post_processing),
 ]
 
 
@@ -452,6 +535,8 @@ async def delete(r: Round, fault: asyncio.Task[None]) -> None:
 
 
 async def run_round(r: Round) -> None:
+    r.rating_sim.options = replace(r.rating_sim.options, delay_s=r.plan.rating_delay_s)
+    r.model_calls_before = r.rating_sim.calls
     r.call = await start_call(r.relay, r.learner)
     r.t0 = asyncio.get_running_loop().time()
     say(r.call)
@@ -498,12 +583,17 @@ async def test_delete_during_in_flight_work_leaves_nothing_20_times(
     short_segments: None,
     relay_factory: Callable[..., Awaitable[Relay]],
 ) -> None:
-    """20 rounds: DELETE mid-call with uploads pending and an export streaming leaves nothing, ever."""
+    """20 rounds: DELETE mid-call or mid-post-processing, with uploads pending, an export streaming
+    and the finalize job rating on a slow model, leaves nothing, ever."""
     seed = base_seed()
     numbers = [int(ONLY)] if ONLY is not None else list(range(ROUNDS))
     print(f"\n[delete races] base seed {seed} ({SEED_ENV}={seed} replays), rounds {numbers}", flush=True)
+    rating_sim = RatingSimulator()
+    await rating_sim.start()
     relay = await relay_factory(
-        PARLEY_DATABASE_URL=pg_url, PARLEY_OBJECT_STORE_URL=via(s3_store_url, store_proxy.port)
+        PARLEY_DATABASE_URL=pg_url,
+        PARLEY_OBJECT_STORE_URL=via(s3_store_url, store_proxy.port),
+        PARLEY_RATING_URL=rating_sim.base_url,
     )
     bucket = open_object_store(s3_store_url)
     started = time.monotonic()
@@ -513,7 +603,9 @@ async def test_delete_during_in_flight_work_leaves_nothing_20_times(
         for n in numbers:
             if len(learners) < SIGNUPS_PER_ADDRESS:
                 learners.append(await signup(relay.client))
-            r = Round(n, Plan.draw(seed + n), relay, learners[n % len(learners)], store_proxy, bucket)
+            r = Round(
+                n, Plan.draw(seed + n), relay, learners[n % len(learners)], store_proxy, bucket, rating_sim
+            )
             rounds.append(r)
             round_started = time.monotonic()
             try:
@@ -549,7 +641,14 @@ async def test_delete_during_in_flight_work_leaves_nothing_20_times(
         )
     finally:
         await bucket.aclose()
+        await rating_sim.aclose()
     elapsed = time.monotonic() - started
+    # The job activity must really have raced: in some rounds the finalize job was running (assembling
+    # or waiting on the rating model) when the DELETE was sent.
+    running = [r for r in rounds if "job running" in r.outcomes.get("job", "")]
+    print(f"[delete races] the finalize job was running at the delete in {len(running)} rounds", flush=True)
+    if ONLY is None and ROUNDS >= 10:
+        assert running, "no round had its finalize job running when the DELETE was sent"
     failed = [r for r in rounds if r.failures]
     print(f"[delete races] {len(rounds)} rounds in {elapsed:.1f}s, {len(failed)} failed", flush=True)
     assert not failed, "\n".join(
