@@ -31,6 +31,12 @@ MAX_RETENTION_DAYS: Final = 3650
 MAX_RETENTION_SWEEP_S: Final = 7 * 86400
 MAX_WORKERS_IN_PROCESS: Final = 16
 MAX_JOB_LEASE_S: Final = 3600.0
+# coturn checks a REST-API credential's expiry again on every allocation refresh, so a credential
+# must outlive the longest call (PARLEY_MAX_SESSION_SECONDS, 1 h by default); each new client secret
+# (every reconnect) brings a fresh one.
+DEFAULT_TURN_TTL_S: Final = 3900
+MIN_TURN_TTL_S: Final = 60
+MAX_TURN_TTL_S: Final = 86400
 DEFAULT_RATING_MODEL: Final = "gpt-4.1-mini"
 MAX_RATING_TIMEOUT_S: Final = 600.0
 # storage.models.Rating.model holds the model's name.
@@ -105,6 +111,10 @@ class Settings:
     client_secret_per_minute: int = 30
     # Live sessions (WebRTC and the model link).
     ice_servers: tuple[dict[str, Any], ...] = ()
+    # TURN for browsers: coturn's REST-API shared secret, its URLs, and how long a credential lasts.
+    turn_secret: Secret | None = None
+    turn_urls: tuple[str, ...] = ()
+    turn_ttl_s: int = DEFAULT_TURN_TTL_S
     rtc_host_addresses: tuple[str, ...] = ()
     rtc_remote_allow: tuple[str, ...] = ()
     reconnect_grace_s: float = 30.0
@@ -186,6 +196,17 @@ class Settings:
             urls = server.get("urls")
             if not isinstance(urls, (str, list)):
                 raise ConfigError("PARLEY_ICE_SERVERS", "each server needs `urls` (a string or a list)")
+        for url in self.turn_urls:
+            if not url.startswith(("turn:", "turns:")):
+                raise ConfigError("PARLEY_TURN_URLS", f"{url!r} is not a turn: or turns: URL")
+        if bool(self.turn_urls) != (self.turn_secret is not None):
+            raise ConfigError("PARLEY_TURN_SECRET", "PARLEY_TURN_SECRET and PARLEY_TURN_URLS go together")
+        if self.turn_secret is not None and len(self.turn_secret.reveal()) < MIN_SECRET_KEY_LEN:
+            raise ConfigError("PARLEY_TURN_SECRET", f"must be at least {MIN_SECRET_KEY_LEN} characters")
+        if not MIN_TURN_TTL_S <= self.turn_ttl_s <= MAX_TURN_TTL_S:
+            raise ConfigError(
+                "PARLEY_TURN_TTL", f"must be between {MIN_TURN_TTL_S} and {MAX_TURN_TTL_S} seconds"
+            )
         if self.retention_days == 0:
             object.__setattr__(self, "retention_days", None)  # 0 means off, like unset
         if self.retention_days is not None and not 1 <= self.retention_days <= MAX_RETENTION_DAYS:
@@ -231,7 +252,8 @@ class Settings:
             f"openai_api_key={self.openai_api_key!r}, upstream_url={self.upstream_url!r}, "
             f"model={self.model!r}, log_level={self.log_level!r}, "
             f"oidc_issuer={self.oidc_issuer!r}, admin_emails=<{len(self.admin_emails)}>, "
-            f"ice_servers=<{len(self.ice_servers)}>, max_sessions={self.max_sessions}, "
+            f"ice_servers=<{len(self.ice_servers)}>, turn_secret={self.turn_secret!r}, "
+            f"turn_urls={self.turn_urls!r}, max_sessions={self.max_sessions}, "
             f"retention_days={self.retention_days}, workers_in_process={self.workers_in_process}, "
             f"rating_model={self.rating_model!r}, "
             f"rating_url={None if self.rating_url is None else mask_url(self.rating_url)!r}, "
@@ -305,6 +327,9 @@ class Settings:
                 "PARLEY_CLIENT_SECRETS_PER_MINUTE", get("PARLEY_CLIENT_SECRETS_PER_MINUTE"), 30
             ),
             ice_servers=_ice_servers(get("PARLEY_ICE_SERVERS")),
+            turn_secret=Secret(turn) if (turn := get("PARLEY_TURN_SECRET")) else None,
+            turn_urls=_csv(get("PARLEY_TURN_URLS")),
+            turn_ttl_s=_int("PARLEY_TURN_TTL", get("PARLEY_TURN_TTL"), DEFAULT_TURN_TTL_S),
             rtc_host_addresses=_csv(get("PARLEY_RTC_HOST_ADDRESSES")),
             rtc_remote_allow=_csv(get("PARLEY_RTC_REMOTE_ALLOW")),
             reconnect_grace_s=_float("PARLEY_RECONNECT_GRACE", get("PARLEY_RECONNECT_GRACE"), 30.0),

@@ -21,6 +21,7 @@ from relay.errors import BadRequest, Conflict, NotFound, RateLimited
 from relay.keys import DATABASE, LIMITS, SETTINGS, TOKENS
 from relay.observability.logging import hash_id
 from relay.security.principals import Principal
+from relay.security.turn import ice_servers_for
 from storage import ratings, retention, sessions, topics
 from storage.models import SessionStatus
 
@@ -59,7 +60,15 @@ async def _mint_secret(request: web.Request, principal: Principal, session_id: s
         await sessions.record_client_secret(
             s, jti=claims.jti, session_id=session_id, expires_at=claims.expires_at
         )
-    return {"value": token, "expires_at": iso(claims.expires_at)}
+    settings = request.app[SETTINGS]
+    ice_servers = ice_servers_for(
+        configured=settings.ice_servers,
+        turn_urls=settings.turn_urls,
+        secret=None if settings.turn_secret is None else settings.turn_secret.reveal(),
+        label=hash_id(principal.user_id),
+        ttl_s=settings.turn_ttl_s,
+    )
+    return {"value": token, "expires_at": iso(claims.expires_at), "ice_servers": ice_servers}
 
 
 @routes.post("/v1/sessions")

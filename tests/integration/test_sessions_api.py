@@ -3,15 +3,24 @@
 from __future__ import annotations
 
 import asyncio
+import base64
+import hashlib
+import hmac
+import time
+from dataclasses import replace
 from datetime import datetime
+from typing import Any
 
 import pytest
 from aiohttp.test_utils import TestClient
 from sqlalchemy import select
 
+from relay.app import build_app
+from relay.config import Secret, Settings
 from relay.keys import DATABASE, TOKENS
 from storage.models import AuditEvent, ClientSecret
 from tests.api import problem, signup
+from tests.conftest import FAST_PASSWORDS
 
 SESSION_FIELDS = {
     "id", "topic_id", "status", "visibility", "created_at", "started_at", "ended_at", "duration_ms",
@@ -60,8 +69,36 @@ async def test_fresh_client_secret_for_an_owned_session(client: TestClient) -> N
     resp = await client.post(f"/v1/sessions/{sid}/client-secret", headers=learner.auth)
     assert resp.status == 201
     fresh = await resp.json()
-    assert set(fresh) == {"value", "expires_at"}
+    assert set(fresh) == {"value", "expires_at", "ice_servers"}
+    assert fresh["ice_servers"] == []  # no STUN or TURN configured
     assert fresh["value"] != created["client_secret"]["value"]
+
+
+async def test_client_secrets_carry_a_fresh_turn_credential_when_turn_is_configured(
+    migrated_settings: Settings, aiohttp_client: Any
+) -> None:
+    """With PARLEY_TURN_SECRET/URLS each client secret brings TURN servers with a credential that
+    coturn accepts until the TTL, named by a hash of the user (never the id or email)."""
+    secret = "coturn-static-auth-secret-0123456789"
+    settings = replace(
+        migrated_settings,
+        turn_secret=Secret(secret),
+        turn_urls=("turn:turn.example.org:3478",),
+        turn_ttl_s=600,
+    )
+    client = await aiohttp_client(build_app(settings, passwords=FAST_PASSWORDS))
+    learner = await signup(client)
+    before = time.time()
+    created = await (
+        await client.post("/v1/sessions", json={"topic_id": "cafe-order"}, headers=learner.auth)
+    ).json()
+    (turn,) = created["client_secret"]["ice_servers"]
+    assert turn["urls"] == ["turn:turn.example.org:3478"]
+    expiry, label = turn["username"].split(":", 1)
+    assert before + 600 <= int(expiry) + 1 <= time.time() + 601
+    assert label not in (learner.id, learner.email) and learner.id not in turn["username"]
+    expected = hmac.new(secret.encode(), turn["username"].encode(), hashlib.sha1).digest()
+    assert base64.b64decode(turn["credential"]) == expected
 
 
 async def test_ended_session_gets_no_client_secret(client: TestClient) -> None:  # type: ignore[type-arg]

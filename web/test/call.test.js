@@ -56,7 +56,7 @@ describe('starting a call', () => {
     expect(secret).toBe('secret-0');
     expect(sdp.startsWith('v=0')).toBe(true);
     expect(states).toEqual(['acquiring_mic', 'creating', 'connecting', 'live']);
-    expect(relay.pc.config).toEqual({ iceServers: [] });
+    expect(relay.pc.config).toEqual({ iceServers: api.iceServers(0) }); // the servers of the secret used
     expect(relay.pc.channels.map((ch) => ch.label)).toEqual(['client']); // the offer carries a data section
     expect(relay.pc.transceivers[0].sender.track).toBe(media.streams[0].tracks[0]);
     expect(c.location).toBe('/v1/sessions/sess_1/webrtc/peer_1');
@@ -234,6 +234,7 @@ describe('network drops', () => {
     const offers = api.calls.filter((x) => x.method === 'offer');
     expect(offers.map((x) => x.args[0])).toEqual(['sess_1', 'sess_1']);
     expect(offers[1].args[1]).toBe('secret-1'); // a fresh secret, never the used one
+    expect(relay.pcs[1].config).toEqual({ iceServers: api.iceServers(1) }); // and its fresh TURN credential
     // The transcript goes on: what was stored during the gap is merged in.
     expect(c.transcript.ordered().map((e) => e.text)).toEqual(['One.', 'Said while you were away.']);
   });

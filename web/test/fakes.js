@@ -226,13 +226,24 @@ export class FakeApi {
 
   async createSession(topicId) {
     this.record('createSession', [topicId]);
-    return { session: { id: 'sess_1', topic_id: topicId, status: 'created' }, client_secret: { value: 'secret-0', expires_at: 'x' } };
+    return {
+      session: { id: 'sess_1', topic_id: topicId, status: 'created' },
+      client_secret: { value: 'secret-0', expires_at: 'x', ice_servers: this.iceServers(0) },
+    };
   }
 
   async clientSecret(sessionId) {
     this.record('clientSecret', [sessionId]);
     this.secrets += 1;
-    return { value: `secret-${this.secrets}`, expires_at: 'x' };
+    return { value: `secret-${this.secrets}`, expires_at: 'x', ice_servers: this.iceServers(this.secrets) };
+  }
+
+  /** What the relay hands out with secret `n`: STUN, and TURN with a credential of its own. */
+  iceServers(n) {
+    return [
+      { urls: 'stun:stun.example.org:3478' },
+      { urls: ['turn:turn.example.org:3478'], username: `9999999999:u${n}`, credential: `cred-${n}` },
+    ];
   }
 
   async offer(sessionId, secret, sdp) {

@@ -212,7 +212,7 @@ export class CallController {
     // The supervisor runs for the whole call; start() answers as soon as the first leg is up.
     const firstLive = deferred();
     this.firstLive = firstLive;
-    this.runConnection(created.client_secret.value)
+    this.runConnection(created.client_secret)
       .catch(() => this.fail('Something went wrong with the connection. Please start again.'))
       .finally(() => firstLive.resolve(this.everLive));
     return firstLive.promise;
@@ -224,6 +224,8 @@ export class CallController {
    * first connection came up.
    */
   async runConnection(firstSecret) {
+    // A client secret is `{value, expires_at, ice_servers}`: the servers (TURN with a credential
+    // as short-lived as the secret's use) come with each secret, so a reconnect gets fresh ones.
     const backoff = new Backoff({ ...this.options.backoff, random: this.random });
     let secret = firstSecret;
     let deadline = null;
@@ -231,7 +233,7 @@ export class CallController {
     for (;;) {
       if (this.machine.state !== 'connecting' && this.machine.state !== 'reconnecting') return this.everLive;
       try {
-        if (!secret) secret = (await this.api.clientSecret(this.sessionId)).value;
+        if (!secret) secret = await this.api.clientSecret(this.sessionId);
         const leg = await this.connectOnce(secret);
         secret = null;
         if (!this.machine.fire('connected')) return this.everLive;
@@ -291,14 +293,14 @@ export class CallController {
 
   /** One WebRTC leg: resolves the leg's "died" deferred once the relay's `events` channel is open. */
   async connectOnce(secretIn) {
-    let secret = secretIn;
+    let secret = secretIn.value;
     this.closePeer();
     this.generation += 1;
     const gen = this.generation;
     const leg = deferred();
     this.leg = leg;
     const opened = deferred();
-    const pc = this.createPeerConnection({ iceServers: [] });
+    const pc = this.createPeerConnection({ iceServers: secretIn.ice_servers ?? [] });
     this.pc = pc;
     if (this.track && this.track.readyState !== 'ended') {
       pc.addTransceiver(this.track, { direction: 'sendrecv', streams: [this.stream] });
