@@ -54,8 +54,8 @@ PROMQL_KEYWORDS = frozenset(
     {"by", "without", "on", "ignoring", "group_left", "group_right", "and", "or", "unless", "offset",
      "bool", "inf", "nan", "atan2"}
 )  # fmt: skip
-# Settings announced in issue 11 and not in relay/config.py yet; the relay ignores them until then.
-PENDING_SETTINGS = frozenset({"PARLEY_TURN_SECRET", "PARLEY_TURN_URLS"})
+# Settings the deploy files may name that relay/config.py does not read (none now).
+PENDING_SETTINGS: frozenset[str] = frozenset()
 SECRET_NAME = re.compile(r"SECRET|PASSWORD|API_KEY|ACCESS_KEY|TOKEN")
 PLACEHOLDER = re.compile(r"change-me|REPLACE_ME")
 # What the containers bind to (PARLEY_HOST), so that probes and Prometheus reach them.
