@@ -22,6 +22,7 @@ from storage.models import Session, SessionTombstone
 from storage.objects import ObjectInfo, ObjectStore
 from storage.recorder import SpoolRecorderFactory, recover_spool
 from storage.spool import scan_event_logs
+from tests.storage.crash import bury, kill
 from tests.storage.test_recorder import new_session, spool_files
 from tests.storage.test_spool import SwitchableStore, wait_for
 
@@ -211,7 +212,7 @@ async def test_a_failing_event_loses_only_itself_logged_by_type_and_count_off_th
 
 @pytest.mark.parametrize("database_url", ["sqlite"], indirect=True)
 async def test_a_jsonl_part_left_by_a_crash_is_recovered_up_to_its_last_complete_line(
-    database: Database, local_store: ObjectStore, tmp_path: Path
+    database: Database, local_store: ObjectStore, tmp_path: Path, request: pytest.FixtureRequest
 ) -> None:
     """Synced lines survive a kill; recovery cuts the torn last line, uploads the rest, marks interrupted."""
     sid = await new_session(database)
@@ -228,10 +229,9 @@ async def test_a_jsonl_part_left_by_a_crash_is_recovered_up_to_its_last_complete
     await wait_for(lambda: any(spool.rglob("*.jsonl")) and any(spool.rglob("*.jsonl.part")))
     await asyncio.sleep(0.5)  # past events_sync_s: the open log is on disk
     # the kill: no aclose, tasks stop where they are
-    rec._pump_task.cancel()
-    await factory.uploader.aclose()
-    await asyncio.to_thread(factory.pool.shutdown, True)
+    await kill(rec, factory)
     await dead.aclose()
+    request.addfinalizer(lambda: bury(rec))
     (part,) = spool.rglob("*.jsonl.part")
     part.write_bytes(part.read_bytes() + b'{"at_ms":999,"type":"response.do')  # torn mid-line
     assert [log.part for log in scan_event_logs(spool)][-1] is True

@@ -17,6 +17,7 @@ from storage.oggopus import parse_pages
 from storage.ports import Speaker
 from storage.recorder import SpoolRecorderFactory, recover_spool
 from tests.fixtures_s3 import free_loopback_port
+from tests.storage.crash import bury, kill
 from tests.storage.test_recorder import feed, manifest, new_session, spool_files
 
 
@@ -139,7 +140,7 @@ async def test_past_the_spool_budget_loss_is_declared_and_sessions_refused(
 
 
 async def test_recovery_after_a_killed_process_keeps_audio_up_to_the_crash(
-    database: Database, object_store: ObjectStore, tmp_path: Path
+    database: Database, object_store: ObjectStore, tmp_path: Path, request: pytest.FixtureRequest
 ) -> None:
     """A killed recorder's spool (closed segments, .part files, one cut mid-page) is recovered."""
     sid = await new_session(database)
@@ -157,10 +158,9 @@ async def test_recovery_after_a_killed_process_keeps_audio_up_to_the_crash(
     await wait_for(lambda: len(list(spool.rglob("*.ogg.part"))) == 2)
     await asyncio.sleep(0.8)  # let pages of the open segments reach the disk
     # the kill: no aclose, tasks stop where they are
-    rec._pump_task.cancel()
-    await factory.uploader.aclose()
-    await asyncio.to_thread(factory.pool.shutdown, True)
+    await kill(rec, factory)
     await dead.aclose()
+    request.addfinalizer(lambda: bury(rec))
     parts = sorted(spool.rglob("*.ogg.part"))
     assert len(parts) == 2
     coach_part = next(p for p in parts if p.parent.name == "coach")
