@@ -115,7 +115,7 @@ class RealtimeBridge:
         self._log = ContextLogger(log, {"session_id": session_id})
         self.origin = time.monotonic()
         self._helpers: set[asyncio.Task[None]] = set()
-        self._book = TranscriptBook(recorder, send=self._publish, spawn=self._spawn)
+        self._book = TranscriptBook(recorder, send=self._publish, spawn=self._spawn, now_ms=self.now_ms)
         self._tap = RecordingTap(recorder=recorder, book=self._book, now_ms=self.now_ms, send=self._publish)
         self._end_requested = asyncio.Event()
         self._end_reason = "ended_by_client"

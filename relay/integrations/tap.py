@@ -19,31 +19,14 @@ from __future__ import annotations
 import base64
 import binascii
 from collections.abc import Callable, Mapping
-from dataclasses import dataclass, field
 from typing import Any
 
 from relay.integrations.formats import PCM24, AudioFormat, audio_format, to_pcm16
-from relay.session.transcripts import TranscriptBook, heard_text
+from relay.session.transcripts import TranscriptBook
 from relay.session.uplink import UpstreamClock
 from storage.ports import SessionRecorder
 
 __all__ = ["RecordingTap"]
-
-
-@dataclass(slots=True)
-class _LearnerItem:
-    start_ms: int = 0
-    end_ms: int = 0
-
-
-@dataclass(slots=True)
-class _CoachItem:
-    previous_item_id: str | None
-    transcript: list[str] = field(default_factory=list)
-    final_text: str | None = None
-    start_ms: int | None = None
-    audio_ms: int = 0
-    truncated: bool = False
 
 
 class _TrackCursor:
@@ -87,8 +70,6 @@ class RecordingTap:
         self._input = PCM24
         self._output = PCM24
         self._response_output: dict[str, AudioFormat] = {}
-        self._learner: dict[str, _LearnerItem] = {}
-        self._coach: dict[str, _CoachItem] = {}
         self._server: dict[str, Callable[[Any], None]] = {
             "session.updated": self._on_session_updated,
             "input_audio_buffer.speech_started": self._on_speech_started,
@@ -125,15 +106,9 @@ class RecordingTap:
         self._clock.pushed(start, duration)
 
     def _truncate(self, item_id: str, audio_end_ms: object) -> None:
-        item = self._coach.get(item_id)
-        if item is None or item.truncated or not isinstance(audio_end_ms, int):
-            return
-        item.truncated = True
-        played = min(max(audio_end_ms, 0), item.audio_ms)
-        full = item.final_text if item.final_text is not None else "".join(item.transcript).strip()
-        text = heard_text(full, played, item.audio_ms)
-        if text:
-            self._coach_segment(item_id, item, text, played, truncated=True)
+        item = self._book.coach(item_id)
+        if item is not None and isinstance(audio_end_ms, int):
+            self._book.cut(item_id, min(max(audio_end_ms, 0), item.audio_ms))
 
     # -- upstream -> client --------------------------------------------------------------------
     def server_event(self, event: Any) -> None:
@@ -148,26 +123,19 @@ class RecordingTap:
         self._output = audio_format((audio.get("output") or {}).get("format"), self._output)
 
     def _on_speech_started(self, event: Any) -> None:
-        item = self._learner.setdefault(event.item_id, _LearnerItem())
-        item.start_ms = self._clock.to_session(int(event.audio_start_ms))
+        self._book.speech_started(event.item_id, self._clock.to_session(int(event.audio_start_ms)))
 
     def _on_speech_stopped(self, event: Any) -> None:
-        item = self._learner.setdefault(event.item_id, _LearnerItem())
-        item.end_ms = self._clock.to_session(int(event.audio_end_ms))
+        self._book.speech_stopped(event.item_id, self._clock.to_session(int(event.audio_end_ms)))
 
     def _on_committed(self, event: Any) -> None:
-        self._book.place(event.item_id)
-        self._learner.setdefault(event.item_id, _LearnerItem())
+        self._book.committed(event.item_id)
 
     def _on_transcription_delta(self, event: Any) -> None:
-        self._send({"type": "transcript.delta", "speaker": "learner", "item_id": event.item_id,
-                    "delta": event.delta})  # fmt: skip
+        self._book.learner_delta(event.item_id, event.delta)
 
     def _on_transcription_completed(self, event: Any) -> None:
-        item = self._learner.get(event.item_id, _LearnerItem())
-        text = (event.transcript or "").strip()
-        if text:
-            self._book.learner(event.item_id, text, item.start_ms, item.end_ms or self._now_ms())
+        self._book.learner_completed(event.item_id, event.transcript)
 
     def _on_response_created(self, event: Any) -> None:
         audio = _plain(getattr(event.response, "audio", None))
@@ -177,14 +145,12 @@ class RecordingTap:
 
     def _on_output_item_added(self, event: Any) -> None:
         item = event.item
-        if getattr(item, "role", None) != "assistant" or item.id is None:
-            return
-        self._coach[item.id] = _CoachItem(previous_item_id=self._book.last_item_id)
-        self._book.place(item.id)
+        if getattr(item, "role", None) == "assistant" and item.id is not None:
+            self._book.coach_added(item.id)
 
     def _on_output_audio_delta(self, event: Any) -> None:
-        item = self._coach.get(event.item_id)
-        if item is None or item.truncated:
+        item = self._book.coach(event.item_id)
+        if item is None:
             return
         fmt = self._response_output.get(event.response_id, self._output)
         pcm = _pcm(event.delta, fmt)
@@ -201,33 +167,14 @@ class RecordingTap:
 
     def _on_output_audio_done(self, event: Any) -> None:
         self._response_output.pop(event.response_id, None)
-        if event.item_id in self._coach:
+        if self._book.known_coach(event.item_id) is not None:
             self._send({"type": "coach.done", "item_id": event.item_id})
 
     def _on_output_transcript_delta(self, event: Any) -> None:
-        item = self._coach.get(event.item_id)
-        if item is None or item.truncated:
-            return
-        item.transcript.append(event.delta)
-        self._send({"type": "transcript.delta", "speaker": "coach", "item_id": event.item_id,
-                    "delta": event.delta})  # fmt: skip
+        self._book.coach_delta(event.item_id, event.delta)
 
     def _on_output_transcript_done(self, event: Any) -> None:
-        item = self._coach.get(event.item_id)
-        if item is None or item.truncated:
-            return
-        item.final_text = (event.transcript or "".join(item.transcript)).strip()
-        if item.final_text:
-            self._coach_segment(event.item_id, item, item.final_text, item.audio_ms)
-
-    def _coach_segment(
-        self, item_id: str, item: _CoachItem, text: str, audio_ms: int, *, truncated: bool = False
-    ) -> None:
-        start = item.start_ms if item.start_ms is not None else self._now_ms()
-        self._book.coach(
-            item_id, text, start_ms=start, audio_ms=audio_ms, previous_item_id=item.previous_item_id,
-            truncated=truncated,
-        )  # fmt: skip
+        self._book.coach_done(event.item_id, event.transcript)
 
 
 def _pcm(audio: object, fmt: AudioFormat) -> bytes:

@@ -12,37 +12,18 @@ import base64
 import logging
 import time
 from collections.abc import Awaitable, Callable
-from dataclasses import dataclass, field
 from typing import Any
 
 from relay.browser.speaker import SpeakerTrack
 from relay.model import protocol
 from relay.model.link import ModelLink
-from relay.session.transcripts import TranscriptBook, heard_text
+from relay.session.transcripts import TranscriptBook
 from relay.session.uplink import UpstreamClock
 from storage.ports import SessionRecorder
 
 __all__ = ["Downlink"]
 
 log = logging.getLogger("relay.session.downlink")
-
-
-@dataclass(slots=True)
-class _LearnerItem:
-    start_ms: int = 0
-    end_ms: int = 0
-    transcript: str = ""
-
-
-@dataclass(slots=True)
-class _CoachItem:
-    previous_item_id: str | None
-    transcript: list[str] = field(default_factory=list)
-    final_text: str | None = None
-    audio_ms: int = 0
-    start_ms: int | None = None
-    truncated: bool = False
-    stored: bool = False
 
 
 class Downlink:
@@ -72,9 +53,7 @@ class Downlink:
         self._spawn = spawn
         self._on_barge_in = on_barge_in
         self._on_response_latency = on_response_latency
-        self._book = TranscriptBook(recorder, send=send, spawn=spawn)
-        self._learner: dict[str, _LearnerItem] = {}
-        self._coach: dict[str, _CoachItem] = {}
+        self._book = TranscriptBook(recorder, send=send, spawn=spawn, now_ms=session_ms)
         self._awaiting_answer_since: float | None = None
         self._answered_once = False
         self._handlers: dict[str, Callable[[Any], None]] = {
@@ -112,7 +91,7 @@ class Downlink:
             self._answered_once = True
 
     def on_coach_started(self, item_id: str) -> None:
-        item = self._coach.get(item_id)
+        item = self._book.known_coach(item_id)
         if item is not None and item.start_ms is None:
             item.start_ms = self._now_ms()
         self._send({"type": "coach.speaking", "item_id": item_id})
@@ -124,13 +103,13 @@ class Downlink:
         """Drop queued coach audio now and tell the upstream what the learner actually heard."""
         played = self._speaker.clear()
         for item_id, ms in played.items():
-            item = self._coach.get(item_id)
+            item = self._book.known_coach(item_id)
             if item is None:
                 continue
             # Never 0 for an item that had none played (nothing to cut) and never more than was received.
             if ms > 0:
                 self._link.send(protocol.truncate(item_id, min(ms, max(item.audio_ms, 1))))
-            self._truncate(item_id, item, ms)
+            self._book.cut(item_id, ms)
             self._send({"type": "coach.done", "item_id": item_id})
         if played:
             log.info("downlink.interrupted", extra={"session_id": self.session_id, "reason": reason,
@@ -139,51 +118,40 @@ class Downlink:
     def reset_upstream(self) -> None:
         """A new upstream connection: its item ids are new, its audio clock starts again."""
         self._clock.reset()
-        self._learner.clear()
+        self._book.forget_learner_items()
         self._awaiting_answer_since = None
 
     # -- learner side --------------------------------------------------------------------------
     def _on_input_audio_buffer_speech_started(self, event: Any) -> None:
-        item = self._learner.setdefault(event.item_id, _LearnerItem())
-        item.start_ms = self._clock.to_session(int(event.audio_start_ms))
+        self._book.speech_started(event.item_id, self._clock.to_session(int(event.audio_start_ms)))
         if self._speaker.speaking:
             self._on_barge_in()
             self.interrupt_playout("barge_in")
 
     def _on_input_audio_buffer_speech_stopped(self, event: Any) -> None:
-        item = self._learner.setdefault(event.item_id, _LearnerItem())
-        item.end_ms = self._clock.to_session(int(event.audio_end_ms))
+        self._book.speech_stopped(event.item_id, self._clock.to_session(int(event.audio_end_ms)))
         self._awaiting_answer_since = time.monotonic()
 
     def _on_input_audio_buffer_committed(self, event: Any) -> None:
-        self._book.place(event.item_id)
-        self._learner.setdefault(event.item_id, _LearnerItem())
+        self._book.committed(event.item_id)
 
     def _on_input_audio_transcription_delta(self, event: Any) -> None:
-        self._send(
-            {"type": "transcript.delta", "speaker": "learner", "item_id": event.item_id, "delta": event.delta}
-        )
+        self._book.learner_delta(event.item_id, event.delta)
 
     def _on_input_audio_transcription_completed(self, event: Any) -> None:
-        item = self._learner.get(event.item_id, _LearnerItem())
-        text = (event.transcript or "").strip()
-        if not text:
-            return
-        self._book.learner(event.item_id, text, item.start_ms, item.end_ms or self._now_ms())
+        self._book.learner_completed(event.item_id, event.transcript)
 
     # -- coach side ----------------------------------------------------------------------------
     def _on_response_output_item_added(self, event: Any) -> None:
         item = event.item
-        if getattr(item, "role", None) != "assistant" or item.id is None:
-            return
-        self._coach[item.id] = _CoachItem(previous_item_id=self._book.last_item_id)
-        self._book.place(item.id)
+        if getattr(item, "role", None) == "assistant" and item.id is not None:
+            self._book.coach_added(item.id)
 
     def _on_response_output_audio_delta(self, event: Any) -> None:
-        pcm = base64.b64decode(event.delta)
-        item = self._coach.get(event.item_id)
-        if item is None or item.truncated:
+        item = self._book.coach(event.item_id)
+        if item is None:
             return
+        pcm = base64.b64decode(event.delta)
         item.audio_ms += len(pcm) // 48
         self._speaker.feed(pcm, item_id=event.item_id)
 
@@ -191,37 +159,10 @@ class Downlink:
         self._speaker.finish(event.item_id)
 
     def _on_response_output_audio_transcript_delta(self, event: Any) -> None:
-        item = self._coach.get(event.item_id)
-        if item is None or item.truncated:
-            return
-        item.transcript.append(event.delta)
-        self._send(
-            {"type": "transcript.delta", "speaker": "coach", "item_id": event.item_id, "delta": event.delta}
-        )
+        self._book.coach_delta(event.item_id, event.delta)
 
     def _on_response_output_audio_transcript_done(self, event: Any) -> None:
-        item = self._coach.get(event.item_id)
-        if item is None or item.truncated:
-            return
-        item.final_text = (event.transcript or "".join(item.transcript)).strip()
-        if item.final_text:
-            self._coach_segment(event.item_id, item, item.final_text, item.audio_ms)
+        self._book.coach_done(event.item_id, event.transcript)
 
     def _on_conversation_item_truncated(self, event: Any) -> None:
         self.truncated[event.item_id] = int(event.audio_end_ms)
-
-    def _truncate(self, item_id: str, item: _CoachItem, played_ms: int) -> None:
-        item.truncated = True
-        full = item.final_text if item.final_text is not None else "".join(item.transcript).strip()
-        text = heard_text(full, played_ms, item.audio_ms)
-        if text:
-            self._coach_segment(item_id, item, text, played_ms, truncated=True)
-
-    def _coach_segment(
-        self, item_id: str, item: _CoachItem, text: str, audio_ms: int, *, truncated: bool = False
-    ) -> None:
-        start = item.start_ms if item.start_ms is not None else self._now_ms()
-        self._book.coach(
-            item_id, text, start_ms=start, audio_ms=audio_ms, previous_item_id=item.previous_item_id,
-            truncated=truncated,
-        )  # fmt: skip

@@ -131,7 +131,12 @@ class Clock:
 
 def make_tap() -> tuple[RecordingTap, Taken, Clock, list[dict[str, Any]], list[Awaitable[None]]]:
     taken, clock, sent, spawned = Taken(), Clock(), [], []
-    book = TranscriptBook(taken, send=sent.append, spawn=lambda work, role: spawned.append(work))  # type: ignore[arg-type]
+    book = TranscriptBook(
+        taken,
+        send=sent.append,
+        spawn=lambda work, role: spawned.append(work),
+        now_ms=clock,  # type: ignore[arg-type]
+    )
     return (
         RecordingTap(recorder=taken, book=book, now_ms=clock, send=sent.append),
         taken,
