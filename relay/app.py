@@ -34,8 +34,13 @@ from relay.api import (
     topics,
     transcripts,
 )
+from relay.api.forwarding import stamp_node
 from relay.api.problems import problem_middleware
 from relay.browser.ice import restrict_host_addresses
+from relay.cluster.identity import NodeIdentity, new_node_id
+from relay.cluster.orphans import OrphanSpoolReaper
+from relay.cluster.presence import NodePresence
+from relay.cluster.routing import OwnerRouter
 from relay.config import ConfigError, Settings
 from relay.integrations.bridge import RealtimeBridge
 from relay.keys import (
@@ -47,12 +52,14 @@ from relay.keys import (
     LIVE,
     LOOP_LAG,
     METRICS,
+    NODE,
     OBJECTS,
     PASSWORDS,
     RATING,
     RECORDERS,
     REGISTRY,
     RETENTION,
+    ROUTER,
     SETTINGS,
     TOKENS,
     UPSTREAM,
@@ -91,10 +98,14 @@ MAX_BODY_BYTES: Final = 1024 * 1024
 MAX_HEADER_BYTES: Final = 16 * 1024
 
 
-def build_app(settings: Settings, *, passwords: PasswordHasher | None = None) -> web.Application:
+def build_app(
+    settings: Settings, *, passwords: PasswordHasher | None = None, node: NodeIdentity | None = None
+) -> web.Application:
     """Create the application; resources open when it starts and close when it stops.
 
-    ``passwords`` lets tests use cheaper scrypt parameters; production keeps the default.
+    ``passwords`` lets tests use cheaper scrypt parameters; production keeps the default. ``node``:
+    this process among the relay nodes (``parley serve`` passes the URL it listens on for other
+    nodes); by default a new id, reached at ``PARLEY_NODE_URL`` if set.
     """
     app = web.Application(
         middlewares=[_metrics_middleware, problem_middleware],
@@ -111,11 +122,13 @@ def build_app(settings: Settings, *, passwords: PasswordHasher | None = None) ->
     )
     app[PASSWORDS] = passwords or PasswordHasher()
     app[LIMITS] = Limits.from_settings(settings)
+    app[NODE] = node or NodeIdentity(new_node_id(), settings.node_url)
     app.cleanup_ctx.append(_garbage_collector)  # first in, so it is the last to close
     app.cleanup_ctx.append(_database)
     app.cleanup_ctx.append(_object_store)
     app.cleanup_ctx.append(_authenticator)
     app.cleanup_ctx.append(_upstream)
+    app.cleanup_ctx.append(_node)  # before the sessions: deregistered after they drained
     app.cleanup_ctx.append(_event_feeds)  # before the sessions: closed after they drained
     app.cleanup_ctx.append(_live_sessions)
     app.cleanup_ctx.append(_retention)
@@ -131,6 +144,7 @@ def build_app(settings: Settings, *, passwords: PasswordHasher | None = None) ->
         app.router.add_static("/static/", STATIC_DIR, follow_symlinks=False)
     # After every cleanup_ctx set-up (aiohttp runs those from the first on_startup handler).
     app.on_startup.append(_freeze_start_up_objects)
+    app.on_response_prepare.append(stamp_node)
     app.on_shutdown.append(_feeds_going_away)
     app.on_shutdown.append(_realtime_going_away)
     return app
@@ -221,6 +235,27 @@ async def _upstream(app: web.Application) -> AsyncIterator[None]:
         app[UPSTREAM] = upstream
         log.info("upstream.ready", extra={"upstream": upstream.kind})
         yield
+
+
+async def _node(app: web.Application) -> AsyncIterator[None]:
+    """This process as a relay node: its registry row and heartbeat, the router that forwards
+    signalling to other nodes, and the recovery of spools whose process died beside this one."""
+    settings, node = app[SETTINGS], app[NODE]
+    presence = NodePresence(app[DATABASE], node, heartbeat_s=settings.node_heartbeat_s)
+    router = OwnerRouter(app[DATABASE], node.id, stale_after_s=presence.stale_after.total_seconds())
+    app[ROUTER] = router
+    reaper = OrphanSpoolReaper(
+        app[DATABASE], app[OBJECTS], settings.data_dir, own=settings.spool_dir,
+        interval_s=presence.stale_after.total_seconds(),
+    )  # fmt: skip
+    try:
+        await presence.start()
+        reaper.start()
+        yield
+    finally:
+        await reaper.aclose()
+        await presence.aclose()
+        await router.aclose()
 
 
 async def _event_feeds(app: web.Application) -> AsyncIterator[None]:

@@ -8,8 +8,11 @@ from __future__ import annotations
 import argparse
 import asyncio
 import contextlib
+import dataclasses
 import logging
+import os
 import signal
+import socket
 import sys
 from collections.abc import Sequence
 from typing import TYPE_CHECKING, Final
@@ -38,7 +41,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         settings = Settings.from_env()
         configure_logging(settings.log_level)
         if args.command == "serve":
-            asyncio.run(_serve(settings))
+            return _serve_command(settings, args.workers, args.worker_of)
         elif args.command == "worker":
             asyncio.run(_worker(settings, args.concurrency, args.metrics_port))
         elif args.command == "jobs" and args.jobs_command in ("list", "retry"):
@@ -61,7 +64,14 @@ def main(argv: Sequence[str] | None = None) -> int:
 def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="parley", description="Parley relay for spoken-language practice.")
     sub = parser.add_subparsers(dest="command")
-    sub.add_parser("serve", help="serve the HTTP API, WebRTC signalling and the web client")
+    serve = sub.add_parser("serve", help="serve the HTTP API, WebRTC signalling and the web client")
+    serve.add_argument(
+        "--workers", type=_positive, default=None,
+        help="relay processes on this machine, all on PARLEY_PORT (default: one per core on PostgreSQL, "
+        "1 on SQLite; 1: this process)",
+    )  # fmt: skip
+    # Internal: set by `--workers N` on its children (relay/cluster/workers.py).
+    serve.add_argument("--worker-of", type=int, default=None, help=argparse.SUPPRESS)
     worker = sub.add_parser("worker", help="run post-processing jobs (as `parley serve` also does)")
     worker.add_argument("--concurrency", type=_positive, default=1, help="jobs run at once (default 1)")
     worker.add_argument(
@@ -82,29 +92,113 @@ def _parser() -> argparse.ArgumentParser:
     return parser
 
 
-async def _serve(settings: Settings) -> None:
-    from relay.app import build_app
+def _serve_command(settings: Settings, workers: int | None, worker_of: int | None) -> int:
+    """``parley serve``: this process serves (``--workers 1``, or a child of ``--workers N``), or it
+    starts and watches N processes that do (relay/cluster/workers.py)."""
+    from relay.cluster.workers import default_workers, die_with_parent, supervise
 
-    runner = web.AppRunner(build_app(settings), access_log=None, shutdown_timeout=SHUTDOWN_TIMEOUT_S)
+    if worker_of is not None:
+        die_with_parent(worker_of)
+        asyncio.run(_serve(settings, worker=True))
+        return 0
+    if workers is not None:
+        count = workers
+    elif settings.database_url.startswith("sqlite"):
+        # SQLite takes one writer at a time: several processes would queue on its lock (the
+        # embedded default is for trying Parley out; scale out on PostgreSQL).
+        count = 1
+    else:
+        count = default_workers()
+    if count == 1:
+        asyncio.run(_serve(settings, worker=False))
+        return 0
+    if settings.node_url is not None:
+        raise ConfigError(
+            "PARLEY_NODE_URL",
+            f"names one process, and --workers {count} runs {count}: leave it unset (each process is "
+            "then reached on its own loopback port) or run `parley serve --workers 1` per address",
+        )
+    asyncio.run(_check_dependencies(settings))  # a bad configuration fails once, not once per child
+    url = f"http://{settings.host}:{settings.port}"
+    banner = f"Parley is serving on {url}  (upstream: {settings.upstream_kind}, {count} processes)"
+    command = [sys.executable, "-m", "relay", "serve", "--worker-of", str(os.getpid())]
+    return asyncio.run(supervise(count, command, banner=banner))
+
+
+async def _check_dependencies(settings: Settings) -> None:
+    """The checks each relay process makes at start (database at this schema, object store usable)."""
+    from storage.objects import ObjectStoreError, open_object_store
+
+    db = await _open_database(settings)
+    await db.aclose()
+    store = open_object_store(settings.object_store_url)
     try:
-        await runner.setup()  # opens the database and object store; raises ConfigError when they fail
-    except BaseException:
-        await runner.cleanup()  # closes what did open before the failure
-        raise
-    try:
-        site = web.TCPSite(runner, settings.host, settings.port)
-        try:
-            await site.start()
-        except OSError as exc:
-            raise ConfigError("PARLEY_PORT", f"cannot listen on {settings.port}: {exc.strerror}") from None
-        url = f"http://{settings.host}:{settings.port}"
-        print(f"Parley is serving on {url}  (upstream: {settings.upstream_kind})", flush=True)
-        log.info("serve.started", extra={"port": settings.port, "upstream": settings.upstream_kind})
-        await _wait_for_signal()
-        log.info("serve.stopping")
+        await store.setup()
+        await store.check()
+    except ObjectStoreError as exc:
+        raise ConfigError("PARLEY_OBJECT_STORE_URL", f"cannot use the object store ({exc})") from None
     finally:
-        await runner.cleanup()
-    log.info("serve.stopped")
+        await store.aclose()
+
+
+async def _serve(settings: Settings, *, worker: bool) -> None:
+    """Serve until SIGTERM/SIGINT. ``worker``: a child of ``--workers N``, sharing the port with
+    its siblings (SO_REUSEPORT) and telling the parent when it serves."""
+    from relay.app import build_app
+    from relay.cluster.identity import NodeIdentity, new_node_id
+    from relay.cluster.workers import READY_LINE
+    from storage.spool_claims import claim_spool
+
+    node_id = new_node_id()
+    try:
+        claim = await asyncio.to_thread(claim_spool, settings.data_dir, node_id)
+    except OSError as exc:
+        raise ConfigError("PARLEY_DATA_DIR", f"cannot claim a spool directory: {exc.strerror}") from None
+    settings = dataclasses.replace(settings, spool_path=claim.path)
+    # Other nodes on this machine forward signalling to a loopback port of this process's own:
+    # the shared port would hand it to any sibling.
+    internal: socket.socket | None = None
+    node_url = settings.node_url
+    if node_url is None:
+        internal = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+        internal.bind(("127.0.0.1", 0))
+        node_url = f"http://127.0.0.1:{internal.getsockname()[1]}"
+    app = build_app(settings, node=NodeIdentity(node_id, node_url))
+    runner = web.AppRunner(app, access_log=None, shutdown_timeout=SHUTDOWN_TIMEOUT_S)
+    try:
+        try:
+            await runner.setup()  # opens the database and object store; raises ConfigError when they fail
+        except BaseException:
+            await runner.cleanup()  # closes what did open before the failure
+            raise
+        try:
+            site = web.TCPSite(runner, settings.host, settings.port, reuse_port=worker or None)
+            try:
+                await site.start()
+            except OSError as exc:
+                raise ConfigError(
+                    "PARLEY_PORT", f"cannot listen on {settings.port}: {exc.strerror}"
+                ) from None
+            if internal is not None:
+                await web.SockSite(runner, internal).start()
+            if worker:
+                print(f"{READY_LINE} {node_id}", flush=True)
+            else:
+                url = f"http://{settings.host}:{settings.port}"
+                print(f"Parley is serving on {url}  (upstream: {settings.upstream_kind})", flush=True)
+            log.info(
+                "serve.started",
+                extra={"port": settings.port, "upstream": settings.upstream_kind, "node_id": node_id},
+            )
+            await _wait_for_signal()
+            log.info("serve.stopping", extra={"node_id": node_id})
+        finally:
+            await runner.cleanup()
+    finally:
+        if internal is not None:
+            internal.close()
+        claim.release()
+    log.info("serve.stopped", extra={"node_id": node_id})
 
 
 async def _wait_for_signal() -> None:

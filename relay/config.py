@@ -41,6 +41,8 @@ DEFAULT_RATING_MODEL: Final = "gpt-4.1-mini"
 MAX_RATING_TIMEOUT_S: Final = 600.0
 # storage.models.Rating.model holds the model's name.
 MAX_RATING_MODEL_LEN: Final = 128
+MIN_NODE_HEARTBEAT_S: Final = 0.2
+MAX_NODE_HEARTBEAT_S: Final = 60.0
 
 
 class ConfigError(ValueError):
@@ -137,6 +139,12 @@ class Settings:
     rating_model: str = DEFAULT_RATING_MODEL
     rating_url: str | None = None
     rating_timeout_s: float = 60.0
+    # Scaling out (relay/cluster/): the URL other nodes reach this process at (None: its own internal
+    # loopback listener, one machine only), and how often it renews its row in the node registry.
+    node_url: str | None = None
+    node_heartbeat_s: float = 5.0
+    # The spool this process claimed (storage/spool_claims.py), set by `parley serve`; None: <data dir>/spool.
+    spool_path: Path | None = None
 
     def __post_init__(self) -> None:
         # Derived defaults depend on data_dir; frozen dataclasses need object.__setattr__ for them.
@@ -236,6 +244,13 @@ class Settings:
             raise ConfigError(
                 "PARLEY_RATING_TIMEOUT", f"must be more than 0 and at most {MAX_RATING_TIMEOUT_S:g} seconds"
             )
+        if self.node_url is not None:
+            _check_node_url(self.node_url)
+        if not MIN_NODE_HEARTBEAT_S <= self.node_heartbeat_s <= MAX_NODE_HEARTBEAT_S:
+            raise ConfigError(
+                "PARLEY_NODE_HEARTBEAT_SECONDS",
+                f"must be between {MIN_NODE_HEARTBEAT_S:g} and {MAX_NODE_HEARTBEAT_S:g} seconds",
+            )
         for variable, value in (
             ("PARLEY_MAX_SESSIONS", self.max_sessions),
             ("PARLEY_SESSIONS_PER_MINUTE", self.session_create_per_minute),
@@ -262,8 +277,8 @@ class Settings:
 
     @property
     def spool_dir(self) -> Path:
-        """Where recordings wait for the object store (under the data dir)."""
-        return self.data_dir / "spool"
+        """Where this process's recordings wait for the object store (under the data dir)."""
+        return self.spool_path if self.spool_path is not None else self.data_dir / "spool"
 
     @property
     def upstream_kind(self) -> str:
@@ -349,6 +364,10 @@ class Settings:
             rating_model=get("PARLEY_RATING_MODEL") or DEFAULT_RATING_MODEL,
             rating_url=get("PARLEY_RATING_URL"),
             rating_timeout_s=_float("PARLEY_RATING_TIMEOUT", get("PARLEY_RATING_TIMEOUT"), 60.0),
+            node_url=get("PARLEY_NODE_URL"),
+            node_heartbeat_s=_float(
+                "PARLEY_NODE_HEARTBEAT_SECONDS", get("PARLEY_NODE_HEARTBEAT_SECONDS"), 5.0
+            ),
         )
 
 
@@ -455,6 +474,18 @@ def _check_rating_url(url: str) -> None:
         raise ConfigError(
             "PARLEY_RATING_URL",
             "must be the http(s) base URL of an OpenAI-compatible API, e.g. http://127.0.0.1:8000/v1",
+        )
+
+
+def _check_node_url(url: str) -> None:
+    try:
+        parts = urlsplit(url)
+        _ = parts.port
+    except ValueError:
+        raise ConfigError("PARLEY_NODE_URL", "is not a valid URL") from None
+    if parts.scheme not in ("http", "https") or not parts.hostname or parts.path not in ("", "/"):
+        raise ConfigError(
+            "PARLEY_NODE_URL", "must be this node's http(s) base URL, e.g. http://10.0.0.5:8080"
         )
 
 

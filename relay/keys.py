@@ -6,6 +6,8 @@ import asyncio
 
 from aiohttp import web
 
+from relay.cluster.identity import NodeIdentity
+from relay.cluster.routing import OwnerRouter
 from relay.config import Settings
 from relay.observability.looplag import LoopLagMonitor
 from relay.observability.metrics import Metrics
@@ -44,3 +46,6 @@ JOBS = web.AppKey("jobs", Worker)
 RATING = web.AppKey("rating", RatingModel)
 # The main tasks of live sessions, so shutdown can wait for them.
 LIVE = web.AppKey[set[asyncio.Task[None]]]("live_tasks")
+# This process among the relay nodes (relay/cluster/), and how signalling reaches a session's owner.
+NODE = web.AppKey("node", NodeIdentity)
+ROUTER = web.AppKey("router", OwnerRouter)

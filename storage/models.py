@@ -42,6 +42,7 @@ __all__ = [
     "ClientSecret",
     "Job",
     "JobStatus",
+    "Node",
     "Rating",
     "Session",
     "SessionStatus",
@@ -375,6 +376,22 @@ class AuditEvent(Base):
     code: Mapped[str | None] = mapped_column(String(64))
 
     __table_args__ = (Index("ix_audit_events_session", "session_id", "at"),)
+
+
+class Node(Base):
+    """A running ``parley serve`` process (storage/nodes.py): alive while its heartbeat is fresh.
+
+    ``sessions.node_id`` names the node a session went live on, so signalling that reaches another
+    node is forwarded to ``url``. No foreign key: a session outlives the node that served it.
+    """
+
+    __tablename__ = "nodes"
+
+    id: Mapped[str] = mapped_column(String(64), primary_key=True)
+    # Where other nodes reach this process (internal); NULL: nowhere (it takes no forwarded requests).
+    url: Mapped[str | None] = mapped_column(String(255))
+    started_at: Mapped[datetime] = mapped_column(default=utcnow)
+    heartbeat_at: Mapped[datetime] = mapped_column(default=utcnow)
 
 
 class SessionTombstone(Base):

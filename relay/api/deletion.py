@@ -19,6 +19,7 @@ from sqlalchemy import select
 from sqlalchemy.exc import InterfaceError, OperationalError
 
 from relay.api.deps import current_principal, owned_session
+from relay.api.forwarding import route_to_owner
 from relay.errors import DependencyError
 from relay.keys import DATABASE, OBJECTS, RECORDERS, REGISTRY, SETTINGS
 from relay.observability.logging import hash_id
@@ -67,6 +68,9 @@ async def delete_one(request: web.Request) -> web.Response:
     app = request.app
     async with app[DATABASE].sessions() as s:
         await owned_session(s, session_id, principal.user_id)
+    # Live on another node: that node ends it, removes its spool files, and deletes the rest.
+    if (forwarded := await route_to_owner(request, session_id)) is not None:
+        return forwarded
     try:
         await _fence_and_end(app, session_id)
         report = await delete_session(

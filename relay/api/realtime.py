@@ -21,9 +21,21 @@ from aiohttp import web
 from relay.api.deps import current_principal
 from relay.errors import BadRequest, RateLimited
 from relay.integrations.bridge import RealtimeBridge, TopicConfig
-from relay.keys import DATABASE, FEEDS, JOBS, LIMITS, LIVE, METRICS, RECORDERS, REGISTRY, SETTINGS, UPSTREAM
+from relay.keys import (
+    DATABASE,
+    FEEDS,
+    JOBS,
+    LIMITS,
+    LIVE,
+    METRICS,
+    NODE,
+    RECORDERS,
+    REGISTRY,
+    SETTINGS,
+    UPSTREAM,
+)
 from relay.observability.logging import hash_id
-from storage import sessions, topics
+from storage import nodes, sessions, topics
 from storage.models import SessionStatus, new_id
 
 __all__ = ["SESSION_HEADER", "routes"]
@@ -66,6 +78,7 @@ async def realtime_socket(request: web.Request) -> web.StreamResponse:
             await sessions.create_session(
                 s, user_id=principal.user_id, topic_id=topic.id, user_hash=user_hash, session_id=session_id
             )
+            await nodes.claim_session(s, session_id, app[NODE].id)  # live on this node
         ws.headers[SESSION_HEADER] = session_id
         await ws.prepare(request)
     except BaseException:

@@ -15,17 +15,31 @@ from aiohttp import web
 
 from relay.api.body import read_body
 from relay.api.deps import current_principal, owned_session
+from relay.api.forwarding import route_to_owner
 from relay.api.views import session_view
 from relay.browser.sdp import InvalidOffer, validate_offer
 from relay.errors import Conflict, NotFound
-from relay.keys import DATABASE, FEEDS, JOBS, LIVE, METRICS, RECORDERS, REGISTRY, SETTINGS, TOKENS, UPSTREAM
+from relay.keys import (
+    DATABASE,
+    FEEDS,
+    JOBS,
+    LIVE,
+    METRICS,
+    NODE,
+    RECORDERS,
+    REGISTRY,
+    ROUTER,
+    SETTINGS,
+    TOKENS,
+    UPSTREAM,
+)
 from relay.observability.logging import hash_id
 from relay.security.principals import bearer_token
 from relay.security.tokens import CLIENT_SECRET_EXPIRED, CLIENT_SECRET_USED, ClientSecretError
 from relay.session.registry import Live
 from relay.session.session import OPEN_STATES, LiveSession, SessionSpec
-from storage import sessions, topics
-from storage.models import SessionStatus
+from storage import nodes, sessions, topics
+from storage.models import Session, SessionStatus
 from storage.sessions import Redemption
 
 __all__ = ["routes"]
@@ -56,6 +70,8 @@ async def offer(request: web.Request) -> web.Response:
     except Exception:
         raise InvalidOffer("the offer is over 64 KiB") from None
     sdp = validate_offer(raw, remote_allow=_remote_allow(request))
+    if (forwarded := await route_to_owner(request, session_id, body=raw)) is not None:
+        return forwarded  # a reconnect for a session live on another node, answered there
 
     db = request.app[DATABASE]
     async with db.sessions() as s:
@@ -67,15 +83,20 @@ async def offer(request: web.Request) -> web.Response:
         topic = await topics.get_topic(s, row.topic_id, include_retired=True)
     assert topic is not None  # sessions.topic_id is a RESTRICT foreign key
 
-    # Admission before redemption: a refused learner keeps a secret to retry with.
+    if await _owner_lost(request.app, row, claims.user_id):
+        # Continuing in a fresh session linked to this one is not done yet: the client starts anew.
+        raise Conflict("The session's node stopped; the session was interrupted.", code="session_ended")
     registry = request.app[REGISTRY]
     live = _webrtc_session(registry.get(session_id))
+    # Admission before redemption: a refused learner keeps a secret to retry with.
     reserved = live is None
     if reserved:
         registry.admit(session_id)  # CapacityError -> 503 + Retry-After
     try:
         async with db.sessions.begin() as s:
             redeemed = await sessions.redeem_client_secret(s, jti=claims.jti, session_id=session_id)
+            if redeemed is Redemption.OK and live is None:
+                await nodes.claim_session(s, session_id, request.app[NODE].id)  # it goes live here
         if redeemed is Redemption.USED:
             raise ClientSecretError("replay", code=CLIENT_SECRET_USED)
         if redeemed is Redemption.EXPIRED:
@@ -97,6 +118,31 @@ async def offer(request: web.Request) -> web.Response:
         content_type="application/sdp",
         headers={"Location": f"/v1/sessions/{session_id}/webrtc/{peer_id}", "Cache-Control": "no-store"},
     )
+
+
+async def _owner_lost(app: web.Application, row: Session, user_id: str) -> bool:
+    """Whether the session was open on another node that is dead now; if so it is recorded as
+    ``interrupted`` (its spool is recovered where that node ran). Nothing holds it any more: it is
+    not live here, and signalling for it was not forwarded."""
+    if row.status not in OPEN_STATES or row.node_id in (None, app[NODE].id):
+        return False
+    if app[REGISTRY].get(row.id) is not None:
+        return False
+    owner = await app[ROUTER].owner(row.id)
+    if owner is not None and owner.alive:
+        return False  # alive but not reachable from here (no URL): not ours to decide
+    interrupted = await nodes.interrupt_if_open(
+        app[DATABASE], row.id, OPEN_STATES, user_hash=hash_id(user_id), code="node_lost"
+    )
+    log.warning(
+        "signaling.owner_lost",
+        extra={
+            "session_id": row.id,
+            "node_id": row.node_id,
+            "outcome": "interrupted" if interrupted else "closed",
+        },
+    )
+    return True
 
 
 def _webrtc_session(live: Live | None) -> LiveSession | None:
@@ -142,6 +188,8 @@ async def hang_up(request: web.Request) -> web.Response:
     """Close one browser leg; the session waits for a reconnect, then ends."""
     session_id = request.match_info["session_id"]
     await _authorise_peer_control(request, session_id)
+    if (forwarded := await route_to_owner(request, session_id)) is not None:
+        return forwarded
     live = request.app[REGISTRY].get(session_id)
     if not isinstance(live, LiveSession):
         raise NotFound("No such peer.", code="peer_not_found")
@@ -170,9 +218,13 @@ async def end_session(request: web.Request) -> web.Response:
     db = request.app[DATABASE]
     async with db.sessions() as s:
         row = await owned_session(s, session_id, principal.user_id)
+    if (forwarded := await route_to_owner(request, session_id)) is not None:
+        return forwarded
     live = request.app[REGISTRY].get(session_id)
     if live is not None:
         await live.end("ended_by_user")
+    elif await _owner_lost(request.app, row, principal.user_id):
+        pass  # its node died: now interrupted, which is as ended as it gets
     elif row.status in (SessionStatus.CREATED, SessionStatus.CONNECTING):
         async with db.sessions.begin() as s:
             await sessions.transition(

@@ -4,7 +4,7 @@ Run with ``.venv/bin/pytest -m bench tests/bench/bench_relay.py -s -p no:cachepr
 Method and results: tests/bench/RESULTS.md, "## Live relay" (the table between its markers is
 rewritten by every run).
 
-Processes (all on 127.0.0.1): the relay (``relay.cli.main(["serve"])``, i.e. ``parley serve``,
+Processes (all on 127.0.0.1): the relay (``parley serve --workers 1``, one process,
 through the probe launcher :mod:`tests.bench.relay_probe`) pinned to CPU 0; the Realtime simulator
 (:mod:`tests.bench.relay_sim`) and this process, which runs the N client peers
 (:mod:`tests.bench.relay_peers`), pinned to CPU 1. For each N, a fresh relay, then a fresh bare

@@ -1,7 +1,7 @@
 """Server-side probes for ``bench_relay.py``, and the relay launcher that installs them.
 
 ``python -m tests.bench.relay_probe CORE DUMP_FILE`` pins itself to CPU ``CORE``, installs the
-probes below and then runs exactly what ``parley serve`` runs (``relay.cli.main(["serve"])``,
+probes below and then runs exactly what ``parley serve --workers 1`` runs (``relay.cli.main``,
 configured by the environment). No relay code is edited; the probes wrap a few functions in this
 process only, each costing one ``time.monotonic()`` and one list append per call:
 
@@ -140,7 +140,7 @@ def main() -> None:
     install_dump_handler(dump_file, _install_relay_probes())
     from relay.cli import main as parley_main
 
-    sys.exit(parley_main(["serve"]))
+    sys.exit(parley_main(["serve", "--workers", "1"]))  # one process: the probes live in it
 
 
 if __name__ == "__main__":

@@ -32,10 +32,15 @@ def relay_env(**settings: str) -> dict[str, str]:
 
 
 class RelayProcess:
-    """One ``parley serve`` process at a time on ``env["PARLEY_PORT"]``; :meth:`start` again after a kill."""
+    """One ``parley serve`` process at a time on ``env["PARLEY_PORT"]``; :meth:`start` again after a kill.
 
-    def __init__(self, env: dict[str, str], log_path: Path) -> None:
+    ``workers``: ``parley serve --workers`` (1, the default here: one process; more: a parent and
+    its children, which die with it on a kill).
+    """
+
+    def __init__(self, env: dict[str, str], log_path: Path, *, workers: int = 1) -> None:
         self.env = env
+        self.workers = workers
         self.log_path = log_path
         self.port = int(env["PARLEY_PORT"])
         self.base_url = f"http://127.0.0.1:{self.port}"
@@ -50,8 +55,8 @@ class RelayProcess:
             log.write(f"\n===== start {self.starts} =====\n".encode())
             log.flush()
             self.proc = await asyncio.create_subprocess_exec(
-                sys.executable, "-m", "relay", "serve", cwd=ROOT, env=self.env,
-                stdin=asyncio.subprocess.DEVNULL, stdout=log, stderr=log,
+                sys.executable, "-m", "relay", "serve", "--workers", str(self.workers), cwd=ROOT,
+                env=self.env, stdin=asyncio.subprocess.DEVNULL, stdout=log, stderr=log,
             )  # fmt: skip
         try:
             async with asyncio.timeout(_START_TIMEOUT_S), aiohttp.ClientSession() as http:

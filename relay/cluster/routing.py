@@ -1,0 +1,111 @@
+"""Signalling for a session live on another node goes to that node (its owner) over HTTP.
+
+The handlers that act on a live session (a reconnect offer, hanging up a peer, ending, deleting)
+call :func:`relay.api.forwarding.route_to_owner` once they know the caller may ask. If the session
+is not live in this process and ``sessions.node_id`` names another node that is alive, the request
+is sent on to that node's internal URL (same method, path, query, body, ``Authorization`` and
+``Content-Type``, plus :data:`FORWARDED_HEADER`, so it is never sent on twice) and the owner's
+answer is returned as it is. Otherwise the local handler goes on: a dead owner's session is not live anywhere.
+"""
+
+from __future__ import annotations
+
+import logging
+from datetime import timedelta
+from typing import Final
+from urllib.parse import urlsplit
+
+import aiohttp
+from aiohttp import web
+from multidict import CIMultiDict
+
+from relay.cluster.identity import machine_of
+from relay.errors import DependencyError
+from relay.observability.logging import log_failure
+from storage import nodes
+from storage.db import Database
+from storage.nodes import Owner
+
+__all__ = ["FORWARDED_HEADER", "NODE_HEADER", "OwnerRouter"]
+
+log = logging.getLogger("relay.cluster.routing")
+
+#: On a forwarded request: the id of the node that forwarded it.
+FORWARDED_HEADER: Final = "x-parley-forwarded"
+#: On every answer: the node that produced it (a forwarded answer keeps its owner's).
+NODE_HEADER: Final = "x-parley-node"
+#: Ending or deleting waits for the recording to finalize on the owner; an offer for its answer.
+FORWARD_TIMEOUT_S: Final = 20.0
+_REQUEST_HEADERS: Final = ("Authorization", "Content-Type")
+# Connection-level headers describe the hop between the nodes, not the answer.
+_HOP_BY_HOP: Final = frozenset(
+    {"connection", "keep-alive", "transfer-encoding", "content-length", "upgrade", "date", "server", "te",
+     "trailer", "proxy-authenticate", "proxy-authorization"}
+)  # fmt: skip
+_LOOPBACK_NAMES: Final = frozenset({"127.0.0.1", "localhost", "::1"})
+_UNREACHABLE: Final = (aiohttp.ClientError, TimeoutError)
+
+
+class OwnerRouter:
+    """Finds a session's owner and forwards requests to it; owns one HTTP client pool.
+
+    :meth:`aclose` is idempotent.
+    """
+
+    def __init__(
+        self, db: Database, node_id: str, *, stale_after_s: float, timeout_s: float = FORWARD_TIMEOUT_S
+    ) -> None:
+        self._db = db
+        self.node_id = node_id
+        self._stale_after = timedelta(seconds=stale_after_s)
+        self._http = aiohttp.ClientSession(
+            timeout=aiohttp.ClientTimeout(total=timeout_s), auto_decompress=False
+        )
+
+    async def owner(self, session_id: str) -> Owner | None:
+        """The node the session went live on, if one is recorded."""
+        return await nodes.owner_of(self._db, session_id, stale_after=self._stale_after)
+
+    def held_elsewhere(self, owner: Owner | None) -> bool:
+        """Whether ``owner`` is another node that is alive and reachable from here."""
+        if owner is None or owner.node_id == self.node_id or not owner.alive or owner.url is None:
+            return False
+        # A node without PARLEY_NODE_URL is reached on loopback, which means it only on its machine.
+        loopback = urlsplit(owner.url).hostname in _LOOPBACK_NAMES
+        return not loopback or machine_of(owner.node_id) == machine_of(self.node_id)
+
+    async def forward(self, request: web.Request, owner: Owner, body: bytes | None = None) -> web.Response:
+        """Send ``request`` to ``owner`` and return its answer; 503 ``node_unreachable`` if it
+        gives none in time (the caller may retry: by then the owner answers or counts as dead)."""
+        assert owner.url is not None
+        url = owner.url.rstrip("/") + request.rel_url.path_qs
+        headers = {h: request.headers[h] for h in _REQUEST_HEADERS if h in request.headers}
+        headers[FORWARDED_HEADER] = self.node_id
+        data = body if body is not None else await request.read()
+        # No body, no Content-Type: aiohttp would otherwise label an empty one octet-stream.
+        session_id = request.match_info.get("session_id")
+        try:
+            async with self._http.request(
+                request.method, url, data=data or None, headers=headers, allow_redirects=False
+            ) as resp:
+                payload = await resp.read()
+                status = resp.status
+                answer = CIMultiDict((k, v) for k, v in resp.headers.items() if k.lower() not in _HOP_BY_HOP)
+        except _UNREACHABLE as exc:
+            log_failure(
+                log, "cluster.forward_failed", exc, expected=_UNREACHABLE,
+                extra={"session_id": session_id, "node_id": owner.node_id},
+            )  # fmt: skip
+            raise DependencyError(
+                "The node holding this session did not answer; try again shortly.", code="node_unreachable"
+            ) from None
+        log.info(
+            "cluster.forwarded",
+            extra={"session_id": session_id, "node_id": owner.node_id, "method": request.method,
+                   "http_status": status},
+        )  # fmt: skip
+        return web.Response(status=status, body=payload, headers=answer)
+
+    async def aclose(self) -> None:
+        if not self._http.closed:
+            await self._http.close()
