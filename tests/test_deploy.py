@@ -467,7 +467,7 @@ def test_compose_relays_get_time_to_drain() -> None:
     """stop_grace_period of every relay covers requests in flight, the drain and the recording flush,
     and each relay advertises its own fixed media address."""
     services = load_compose()["services"]
-    relays = {n: s for n, s in services.items() if s.get("command") == ["serve"]}
+    relays = {n: s for n, s in services.items() if s.get("command", [None])[0] == "serve"}
     assert len(relays) >= 2
     addresses = set()
     for name, service in relays.items():
@@ -566,7 +566,11 @@ def test_k8s_relay_deployment_is_ready_on_readyz_and_drains_within_its_grace_per
     assert deployment["spec"]["strategy"]["rollingUpdate"]["maxUnavailable"] == 0
     pod = deployment["spec"]["template"]["spec"]
     (container,) = pod["containers"]
-    assert container["args"] == ["serve"]
+    # One process per pod (sized for one core), reached by other pods at its own IP.
+    assert container["args"] == ["serve", "--workers", "1"]
+    env = {e["name"]: e for e in container["env"]}
+    assert env["PARLEY_NODE_URL"]["value"] == "http://$(POD_IP):8080"
+    assert env["POD_IP"]["valueFrom"]["fieldRef"]["fieldPath"] == "status.podIP"
     assert container["readinessProbe"]["httpGet"]["path"] == "/readyz"
     assert container["livenessProbe"]["httpGet"]["path"] == "/healthz"
     sleep = container["lifecycle"]["preStop"]["exec"]["command"]
