@@ -35,6 +35,7 @@ from dataclasses import dataclass
 from typing import Final
 
 from sqlalchemy import select
+from sqlalchemy.ext.asyncio import AsyncSession
 
 from storage.db import Database
 from storage.models import AudioChunk, AudioRecording
@@ -42,6 +43,7 @@ from storage.objects import CHUNK_SIZE, ObjectNotFound, ObjectStore, ObjectStore
 from storage.oggopus import OggPage, crc32_ogg, opus_packet_samples48, opus_tags, parse_pages
 
 __all__ = [
+    "track_recording",
     "SILENCE_PACKET",
     "AssembledTrack",
     "SegmentRef",
@@ -494,13 +496,7 @@ async def assembled_track(
     fails) the stream planned from the segments.
     """
     async with db.sessions() as s:
-        rec = (
-            await s.execute(
-                select(AudioRecording).where(
-                    AudioRecording.session_id == session_id, AudioRecording.track == track
-                )
-            )
-        ).scalar_one_or_none()
+        rec = await track_recording(s, session_id, track)
         if rec is None:
             return None
         final_key = rec.final_object_key
@@ -541,3 +537,10 @@ async def assembled_track(
     return AssembledTrack(
         store, length=plan.length, plan=plan, final_key=None, session_id=session_id, track=track
     )
+
+
+async def track_recording(s: AsyncSession, session_id: str, track: str) -> AudioRecording | None:
+    """The recording row of one track of a session, if it has one."""
+    of_track = (AudioRecording.session_id == session_id, AudioRecording.track == track)
+    query = select(AudioRecording).where(*of_track)
+    return (await s.execute(query)).scalar_one_or_none()

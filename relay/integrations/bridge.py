@@ -306,11 +306,8 @@ class RealtimeBridge:
         if old == new:
             return
         self.state = new
-        if new == SessionStatus.LIVE and not self._ever_live:
+        if new == SessionStatus.LIVE:
             self._ever_live = True
-            self._metrics.session_started(live=True)
-        elif new == SessionStatus.FAILED:
-            self._metrics.session_started(live=False)
         self._metrics.session_state(old, new)
         self._publish({"type": "session.state", "status": new})
         try:

@@ -364,6 +364,12 @@ class Metrics:
         self.dependency_up.labels(dependency).set(1 if ok else 0)
 
     def session_state(self, old: str | None, new: str | None) -> None:
+        """A live session (of either kind) moved; also counts its start: the one move into ``live``
+        from ``connecting`` (a reconnect comes from ``reconnecting``), or the end as ``failed``."""
+        if new == "live" and old == "connecting":
+            self.session_started(live=True)
+        elif new == "failed":
+            self.session_started(live=False)
         if old is not None:
             self.sessions_active.labels(old).dec()
         if new is not None:

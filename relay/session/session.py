@@ -354,11 +354,8 @@ class LiveSession:
             if old == SessionStatus.ENDING and new not in (SessionStatus.ENDED, SessionStatus.FAILED):
                 return
             self.state = new
-            if new == SessionStatus.LIVE and not self._ever_live:
+            if new == SessionStatus.LIVE:
                 self._ever_live = True
-                self._metrics.session_started(live=True)
-            elif new == SessionStatus.FAILED:
-                self._metrics.session_started(live=False)
             self._metrics.session_state(old, new)
             self._send({"type": "session.state", "status": new})
             try:

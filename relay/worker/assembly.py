@@ -43,7 +43,7 @@ from relay.errors import JobError
 from relay.observability.logging import log_failure
 from relay.worker.finalize import Step
 from relay.worker.jobs import JobContext
-from storage.assembly import SegmentRef, SegmentUnusable, final_object_key, segment_track
+from storage.assembly import SegmentRef, SegmentUnusable, final_object_key, segment_track, track_recording
 from storage.db import Database
 from storage.deletion import fenced
 from storage.jobs import SessionFenced
@@ -103,13 +103,7 @@ async def _run(ctx: JobContext) -> None:
 
 async def _source(db: Database, session_id: str, track: str) -> _Source | None:
     async with db.sessions() as s:
-        rec = (
-            await s.execute(
-                select(AudioRecording).where(
-                    AudioRecording.session_id == session_id, AudioRecording.track == track
-                )
-            )
-        ).scalar_one_or_none()
+        rec = await track_recording(s, session_id, track)
         if rec is None:
             return None
         rows = (
