@@ -203,6 +203,8 @@ class Session(Base):
         # GET /v1/sessions: a user's sessions newest first, paginated by (created_at, id).
         Index("ix_sessions_user_created", "user_id", "created_at", "id"),
         Index("ix_sessions_status", "status"),
+        # A session continues at most once (storage/continuation.py).
+        Index("uq_sessions_continued_from_id", "continued_from_id", unique=True),
     )
 
 

@@ -46,6 +46,7 @@ import av
 from sqlalchemy import select, update
 from sqlalchemy.exc import IntegrityError
 
+from storage import sessions
 from storage.db import Database
 from storage.deletion import fenced
 from storage.eventlog import dropped_line, event_kind, event_line, unserializable_line
@@ -606,14 +607,7 @@ class SpoolRecorder:
 
     async def history(self) -> Sequence[tuple[Speaker, str]]:
         async with self._transcript_lock, self._db.sessions() as s:
-            rows = (
-                await s.execute(
-                    select(TranscriptSegment.speaker, TranscriptSegment.text)
-                    .where(TranscriptSegment.session_id == self.session_id, TranscriptSegment.final.is_(True))
-                    .order_by(TranscriptSegment.seq, TranscriptSegment.start_ms)
-                )
-            ).all()
-        return [(Speaker(speaker), text) for speaker, text in rows]
+            return await sessions.final_transcript(s, self.session_id)
 
     # -- lifecycle --------------------------------------------------------------------------------
     async def aclose(self, *, status: str = "complete") -> None:

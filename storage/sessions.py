@@ -18,12 +18,14 @@ from sqlalchemy.ext.asyncio import AsyncSession
 
 from storage import audit, jobs
 from storage.models import AudioRecording, ClientSecret, Session, SessionStatus, TranscriptSegment, utcnow
+from storage.ports import Speaker
 
 __all__ = [
     "InvalidCursor",
     "Page",
     "Redemption",
     "create_session",
+    "final_transcript",
     "get_owned_session",
     "list_owned_sessions",
     "record_client_secret",
@@ -202,6 +204,18 @@ async def transcript_segments(s: AsyncSession, session_id: str) -> Sequence[Tran
         .order_by(TranscriptSegment.seq, TranscriptSegment.start_ms, TranscriptSegment.id)
     )
     return rows.scalars().all()
+
+
+async def final_transcript(s: AsyncSession, session_id: str) -> list[tuple[Speaker, str]]:
+    """Who said what, final text only, in conversation order: what the model is replayed."""
+    rows = (
+        await s.execute(
+            select(TranscriptSegment.speaker, TranscriptSegment.text)
+            .where(TranscriptSegment.session_id == session_id, TranscriptSegment.final.is_(True))
+            .order_by(TranscriptSegment.seq, TranscriptSegment.start_ms)
+        )
+    ).all()
+    return [(Speaker(speaker), text) for speaker, text in rows]
 
 
 async def recordings(s: AsyncSession, session_ids: Sequence[str]) -> dict[str, list[AudioRecording]]:

@@ -8,6 +8,7 @@
 from __future__ import annotations
 
 import logging
+from datetime import timedelta
 from typing import Any, Final
 
 from aiohttp import web
@@ -22,8 +23,8 @@ from relay.keys import DATABASE, LIMITS, SETTINGS, TOKENS
 from relay.observability.logging import hash_id
 from relay.security.principals import Principal
 from relay.security.turn import ice_servers_for
-from storage import ratings, retention, sessions, topics
-from storage.models import SessionStatus
+from storage import continuation, ratings, retention, sessions, topics
+from storage.models import SessionStatus, utcnow
 
 __all__ = ["routes"]
 
@@ -102,7 +103,9 @@ async def mint_client_secret(request: web.Request) -> web.Response:
     principal = await current_principal(request)
     async with request.app[DATABASE].sessions() as s:
         session = await owned_session(s, request.match_info["session_id"], principal.user_id)
-    if session.status not in MINTABLE:
+    window = timedelta(seconds=request.app[SETTINGS].reconnect_grace_s)
+    # An interrupted session (its relay died) takes one more offer for a while: it continues anew.
+    if session.status not in MINTABLE and not continuation.continuable(session, now=utcnow(), window=window):
         raise Conflict("The session has ended.", code="session_ended")
     secret = await _mint_secret(request, principal, session.id)
     return web.json_response(secret, status=201, headers={"Cache-Control": "no-store"})

@@ -1,7 +1,9 @@
 """WebRTC signalling: an SDP offer in, an SDP answer out (API.md, Sessions: webrtc rows).
 
 The offer is validated before aiortc sees it, and before the client secret is spent: a bad offer
-costs the learner nothing. A new offer for a live or reconnecting session is a reconnect.
+costs the learner nothing. A new offer for a live or reconnecting session is a reconnect. A new
+offer for a session whose relay died (``interrupted``, within the reconnect window) starts a
+continuation session linked to it (storage/continuation.py): the answer's ``Location`` names it.
 """
 
 from __future__ import annotations
@@ -9,6 +11,7 @@ from __future__ import annotations
 import asyncio
 import ipaddress
 import logging
+from datetime import timedelta
 from typing import Final
 
 from aiohttp import web
@@ -16,6 +19,7 @@ from aiohttp import web
 from relay.api.body import read_body
 from relay.api.deps import current_principal, owned_session
 from relay.api.forwarding import route_to_owner
+from relay.api.realtime import SESSION_HEADER
 from relay.api.views import session_view
 from relay.browser.sdp import InvalidOffer, validate_offer
 from relay.errors import Conflict, NotFound
@@ -33,13 +37,19 @@ from relay.keys import (
     TOKENS,
     UPSTREAM,
 )
+from relay.model.protocol import HistoryItem
 from relay.observability.logging import hash_id
 from relay.security.principals import bearer_token
-from relay.security.tokens import CLIENT_SECRET_EXPIRED, CLIENT_SECRET_USED, ClientSecretError
+from relay.security.tokens import (
+    CLIENT_SECRET_EXPIRED,
+    CLIENT_SECRET_USED,
+    ClientSecretClaims,
+    ClientSecretError,
+)
 from relay.session.registry import Live
 from relay.session.session import OPEN_STATES, LiveSession, SessionSpec
-from storage import nodes, sessions, topics
-from storage.models import Session, SessionStatus
+from storage import continuation, nodes, sessions, topics
+from storage.models import Session, SessionStatus, Topic, new_id, utcnow
 from storage.sessions import Redemption
 
 __all__ = ["routes"]
@@ -78,14 +88,17 @@ async def offer(request: web.Request) -> web.Response:
         row = await sessions.get_owned_session(s, session_id, claims.user_id)
         if row is None:
             raise ClientSecretError("session")
-        if row.status not in CONNECTABLE:
-            raise Conflict("The session has ended.", code="session_ended")
         topic = await topics.get_topic(s, row.topic_id, include_retired=True)
     assert topic is not None  # sessions.topic_id is a RESTRICT foreign key
+    if row.status in CONNECTABLE and await _owner_lost(request.app, row, claims.user_id):
+        async with db.sessions() as s:
+            row = await sessions.get_owned_session(s, session_id, claims.user_id)
+        assert row is not None  # deleting a session fences it first; it cannot be gone yet
+    if row.status not in CONNECTABLE:
+        if _continuable(request.app, row):
+            return await _continue(request, row, claims, topic, sdp)
+        raise Conflict("The session has ended.", code="session_ended")
 
-    if await _owner_lost(request.app, row, claims.user_id):
-        # Continuing in a fresh session linked to this one is not done yet: the client starts anew.
-        raise Conflict("The session's node stopped; the session was interrupted.", code="session_ended")
     registry = request.app[REGISTRY]
     live = _webrtc_session(registry.get(session_id))
     # Admission before redemption: a refused learner keeps a secret to retry with.
@@ -97,12 +110,7 @@ async def offer(request: web.Request) -> web.Response:
             redeemed = await sessions.redeem_client_secret(s, jti=claims.jti, session_id=session_id)
             if redeemed is Redemption.OK and live is None:
                 await nodes.claim_session(s, session_id, request.app[NODE].id)  # it goes live here
-        if redeemed is Redemption.USED:
-            raise ClientSecretError("replay", code=CLIENT_SECRET_USED)
-        if redeemed is Redemption.EXPIRED:
-            raise ClientSecretError("exp", code=CLIENT_SECRET_EXPIRED)
-        if redeemed is not Redemption.OK:
-            raise ClientSecretError("jti")
+        _check_redeemed(redeemed)
         if live is None:
             spec = SessionSpec(session_id, claims.user_id, topic.instructions, topic.turn_detection)
             live = _start_live(request.app, spec)
@@ -118,6 +126,75 @@ async def offer(request: web.Request) -> web.Response:
         content_type="application/sdp",
         headers={"Location": f"/v1/sessions/{session_id}/webrtc/{peer_id}", "Cache-Control": "no-store"},
     )
+
+
+def _continuable(app: web.Application, row: Session) -> bool:
+    window = timedelta(seconds=app[SETTINGS].reconnect_grace_s)
+    return continuation.continuable(row, now=utcnow(), window=window)
+
+
+async def _continue(
+    request: web.Request, previous: Session, claims: ClientSecretClaims, topic: Topic, sdp: str
+) -> web.Response:
+    """Answer a reconnect offer for a session whose relay died with a fresh session continuing it.
+
+    The answer is that of a first offer, for the new session: its ``Location`` (and
+    ``x-parley-session-id``) name it, and the client uses that id from then on. The secret of the
+    interrupted session is spent on it; a refused offer (capacity, already continued) spends nothing.
+    """
+    app = request.app
+    db = app[DATABASE]
+    registry = app[REGISTRY]
+    session_id = new_id("ses")
+    user_hash = hash_id(claims.user_id)
+    registry.admit(session_id)  # CapacityError -> 503 + Retry-After
+    try:
+        async with db.sessions.begin() as s:
+            redeemed = await sessions.redeem_client_secret(s, jti=claims.jti, session_id=previous.id)
+            _check_redeemed(redeemed)
+            try:
+                await continuation.create_continuation(
+                    s, previous, session_id=session_id, user_hash=user_hash
+                )
+            except continuation.AlreadyContinued:
+                raise Conflict(
+                    "The session was continued in another session already.", code="session_ended"
+                ) from None
+            await nodes.claim_session(s, session_id, app[NODE].id)
+            earlier = await continuation.conversation_history(s, previous.id)
+        spec = SessionSpec(
+            session_id, claims.user_id, topic.instructions, topic.turn_detection,
+            earlier=tuple(HistoryItem(speaker=speaker.value, text=text) for speaker, text in earlier),
+        )  # fmt: skip
+        live = _start_live(app, spec)
+    except BaseException:
+        registry.release(session_id)
+        raise
+    peer_id, answer = await live.connect_peer(sdp)
+    log.info(
+        "signaling.continued",
+        extra={"session_id": session_id, "continued_from": previous.id, "peer_id": peer_id,
+               "count": len(earlier)},
+    )  # fmt: skip
+    return web.Response(
+        status=201,
+        text=answer,
+        content_type="application/sdp",
+        headers={
+            "Location": f"/v1/sessions/{session_id}/webrtc/{peer_id}",
+            SESSION_HEADER: session_id,
+            "Cache-Control": "no-store",
+        },
+    )
+
+
+def _check_redeemed(redeemed: Redemption) -> None:
+    if redeemed is Redemption.USED:
+        raise ClientSecretError("replay", code=CLIENT_SECRET_USED)
+    if redeemed is Redemption.EXPIRED:
+        raise ClientSecretError("exp", code=CLIENT_SECRET_EXPIRED)
+    if redeemed is not Redemption.OK:
+        raise ClientSecretError("jti")
 
 
 async def _owner_lost(app: web.Application, row: Session, user_id: str) -> bool:

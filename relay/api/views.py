@@ -83,6 +83,8 @@ def session_view(
         "started_at": iso(session.started_at),
         "ended_at": iso(session.ended_at),
         "duration_ms": session.duration_ms,
+        # The session this one continues after its relay died (storage/continuation.py), or null.
+        "continued_from": session.continued_from_id,
         "audio": [
             {"track": r.track, "duration_ms": r.duration_ms, "format": r.format}
             for r in sorted(recordings, key=lambda r: r.track)

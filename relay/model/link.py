@@ -349,7 +349,9 @@ class ModelLink:
 
     ``session_config()`` returns the ``session`` object for ``session.update`` (sent after every
     ``session.created``); ``history()`` returns the stored transcript, replayed as text items
-    after a reconnect. Secrets and payloads are never logged: only ids, types, codes and counts.
+    after a reconnect (and on the first connection too with ``replay_first``: a conversation that
+    goes on from an earlier session). Secrets and payloads are never logged: only ids, types,
+    codes and counts.
 
     ``append_ms`` is how much pushed audio one ``input_audio_buffer.append`` carries (0: one per
     push); ``max_send_queue`` bounds the send queue in pushed chunks plus control events.
@@ -370,8 +372,10 @@ class ModelLink:
         retry: RetryPolicy = RetryPolicy(),  # noqa: B008 - frozen, so one shared default is safe
         logger: logging.LoggerAdapter[logging.Logger] | None = None,
         name: str = "model-link",
+        replay_first: bool = False,
     ) -> None:
         self._client = client
+        self._replay_first = replay_first
         self._model = model
         self._session_config = session_config
         self._history = history
@@ -601,7 +605,7 @@ class ModelLink:
                 while current.session_id is None:
                     await self._receive_one(current)
             await self._configure(current)
-            if self.stats.sessions > 0:
+            if self.stats.sessions > 0 or self._replay_first:
                 await self._replay(current)
             return current
         except BaseException:

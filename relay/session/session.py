@@ -57,6 +57,9 @@ class SessionSpec:
     user_id: str
     instructions: str
     turn_detection: dict[str, Any] | None
+    earlier: tuple[protocol.HistoryItem, ...] = ()
+    """The conversation before this session (it continues one whose relay died), replayed to the
+    model before anything else so the coach picks up the thread."""
 
 
 class LiveSession:
@@ -105,6 +108,7 @@ class LiveSession:
             on_event=self._on_model_event,
             on_status=self._on_link_status,
             on_audio_queued=self._on_inbound_latency,
+            replay_first=bool(spec.earlier),
         )
         self._downlink = Downlink(
             session_id=self.id,
@@ -393,7 +397,8 @@ class LiveSession:
 
     async def _history(self) -> list[protocol.HistoryItem]:
         rows = await self._recorder.history()
-        return [protocol.HistoryItem(speaker=speaker.value, text=text) for speaker, text in rows]
+        own = [protocol.HistoryItem(speaker=speaker.value, text=text) for speaker, text in rows]
+        return [*self.spec.earlier, *own]
 
     def _on_model_event(self, event: Any) -> None:
         self._downlink.on_event(event)

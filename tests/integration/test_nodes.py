@@ -34,7 +34,7 @@ from storage.models import AudioChunk, AudioRecording, Session
 from storage.objects import open_object_store
 from tests.api import ENDED_OR_LATER, PASSWORD, Learner
 from tests.fakes.relay_process import ROOT, RelayProcess, relay_env
-from tests.fakes.rtc_client import RtcClient, loopback_ice  # noqa: F401 (fixture)
+from tests.fakes.rtc_client import RtcClient, loopback_ice, speech_like  # noqa: F401 (fixture)
 from tests.fixtures_s3 import free_loopback_port
 from tests.services import fresh_postgres_database
 from tests.simulator.audio import speech
@@ -303,6 +303,106 @@ async def test_a_killed_node_goes_stale_and_a_sibling_recovers_its_sessions(
                 await asyncio.sleep(0.2)
         status, duration, chunks = tracks["learner"]
         assert duration > 0 and chunks > 0, tracks
+
+
+async def offer_until_answered(
+    http: aiohttp.ClientSession, relay: RelayProcess, session_id: str, secret: str, rtc: RtcClient
+) -> aiohttp.ClientResponse:
+    """Send one offer, again while the answer is 503 ``node_unreachable`` (a freshly dead owner
+    still counts as alive until its heartbeat is stale), as the web client does."""
+    sdp = await rtc.offer()
+    async with asyncio.timeout(20):
+        while True:
+            resp = await http.post(
+                f"{relay.base_url}/v1/sessions/{session_id}/webrtc",
+                data=sdp,
+                headers={"Authorization": f"Bearer {secret}", "Content-Type": "application/sdp"},
+            )
+            if resp.status != 503:
+                break
+            assert (await resp.json())["code"] == "node_unreachable"
+            await asyncio.sleep(0.3)
+    assert resp.status == 201, await resp.text()
+    await rtc.accept(await resp.text())
+    async with asyncio.timeout(20):
+        await rtc.connected()
+    return resp
+
+
+async def test_a_reconnect_after_the_owner_died_continues_in_a_new_session_on_another_node(
+    two_nodes: list[RelayProcess], db: Database, loopback_ice: None
+) -> None:
+    """A WebRTC call live on A; A is SIGKILLed. The learner's reconnect offer to B opens a fresh
+    session on B linked to the old one (Location names it), the old one is `interrupted` with its
+    audio kept, and it cannot be continued twice."""
+    a, b = two_nodes
+    first, second, third = RtcClient(), RtcClient(), RtcClient()
+    try:
+        async with aiohttp.ClientSession() as http:
+            b_id = await node_id_of(http, b)
+            learner = await signup(http, a)
+            async with http.post(
+                f"{a.base_url}/v1/sessions", json={"topic_id": TOPIC}, headers=learner.auth
+            ) as resp:
+                assert resp.status == 201, await resp.text()
+                created = await resp.json()
+            old_id = created["session"]["id"]
+            await send_offer(http, a, old_id, created["client_secret"]["value"], first)
+            await wait_status(db, old_id, ("live",))
+            first.send_pcm(speech_like(3.0))
+            await asyncio.sleep(4.0)  # spoken, and synced to A's spool (a page every 500 ms)
+            await a.kill()
+
+            async with http.post(
+                f"{b.base_url}/v1/sessions/{old_id}/client-secret", headers=learner.auth
+            ) as resp:
+                assert resp.status == 201, await resp.text()
+                secret = (await resp.json())["value"]
+            answer = await offer_until_answered(http, b, old_id, secret, second)
+            new_id = answer.headers[SESSION_HEADER]
+            assert new_id != old_id
+            assert answer.headers["Location"].startswith(f"/v1/sessions/{new_id}/webrtc/")
+            assert answer.headers[NODE_HEADER] == b_id
+            await wait_status(db, new_id, ("live",))
+            async with http.get(f"{b.base_url}/v1/sessions/{new_id}", headers=learner.auth) as resp:
+                view = await resp.json()
+            assert (view["continued_from"], view["topic_id"], view["visibility"]) == (
+                old_id,
+                TOPIC,
+                "private",
+            )
+            async with db.sessions() as s:
+                assert (await s.get(Session, new_id)).node_id == b_id  # type: ignore[union-attr]
+
+            # The old session: interrupted, its audio recovered from A's spool by B.
+            assert await wait_status(db, old_id, ("interrupted",)) == "interrupted"
+            async with asyncio.timeout(20):
+                while (tracks := await recordings(db, old_id)).get("learner", ("", 0, 0))[0] != "interrupted":
+                    await asyncio.sleep(0.2)
+            _, duration, chunks = tracks["learner"]
+            assert duration >= 2500 and chunks > 0, tracks
+
+            # A second continuation of the same session is refused; the secret stays unspent.
+            async with http.post(
+                f"{b.base_url}/v1/sessions/{old_id}/client-secret", headers=learner.auth
+            ) as resp:
+                again = (await resp.json())["value"]
+            async with http.post(
+                f"{b.base_url}/v1/sessions/{old_id}/webrtc", data=await third.offer(),
+                headers={"Authorization": f"Bearer {again}", "Content-Type": "application/sdp"},
+            ) as resp:  # fmt: skip
+                assert resp.status == 409 and (await resp.json())["code"] == "session_ended"
+
+            second.send_pcm(speech_like(2.0))
+            await asyncio.sleep(2.5)
+            async with http.post(f"{b.base_url}/v1/sessions/{new_id}/end", headers=learner.auth) as resp:
+                assert resp.status == 200, await resp.text()
+            await wait_status(db, new_id, ENDED_OR_LATER)
+            new_tracks = await recordings(db, new_id)
+            assert new_tracks["learner"][1] > 0, new_tracks
+    finally:
+        for rtc in (first, second, third):
+            await rtc.aclose()
 
 
 async def test_serve_workers_2_answers_from_two_nodes_on_one_port_and_stops_on_sigterm(

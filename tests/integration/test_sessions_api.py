@@ -26,6 +26,7 @@ SESSION_FIELDS = {
     "id", "topic_id", "status", "visibility", "created_at", "started_at", "ended_at", "duration_ms",
     "audio", "rating",
     "retention",  # added by issue #7 (tests/integration/test_retention.py)
+    "continued_from",  # added by issue #11 (tests/integration/test_nodes.py)
 }  # fmt: skip
 
 
@@ -42,7 +43,7 @@ async def test_create_session_returns_a_private_session_and_a_client_secret(clie
         "private",
         "cafe-order",
     )
-    assert session["audio"] == [] and session["rating"] is None
+    assert session["audio"] == [] and session["rating"] is None and session["continued_from"] is None
     assert session["retention"] == {"retain": False, "retention_days": None, "expires_at": None}
     assert resp.headers["Location"] == f"/v1/sessions/{session['id']}"
     claims = client.app[TOKENS].verify_client_secret(secret["value"], session_id=session["id"])

@@ -79,6 +79,7 @@ class Harness:
         append_ms: int = 40,
         on_status: Callable[[Harness, LinkStatus, str | None], None] | None = None,
         base_url: str | None = None,
+        replay_first: bool = False,
     ) -> None:
         self.sim = sim
         self.client = AsyncOpenAI(api_key=api_key, websocket_base_url=base_url or sim.ws_base_url)
@@ -101,6 +102,7 @@ class Harness:
             on_audio_queued=self.audio_latencies.append,
             retry=retry,
             name="test:model-link",
+            replay_first=replay_first,
         )
         self.task: asyncio.Task[None] | None = None
 

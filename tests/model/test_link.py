@@ -78,6 +78,25 @@ async def test_connects_and_configures_the_session(sim: SimulatorServer, make_ha
     assert {"test:model-link:recv", "test:model-link:send"} <= names
 
 
+async def test_a_continuing_conversation_replays_its_history_on_the_first_connection(
+    sim: SimulatorServer, make_harness: MakeHarness
+) -> None:
+    """With replay_first (a session continuing one whose relay died) the first upstream session gets
+    session.update, then the earlier conversation as items, before the link reports ready."""
+    h = make_harness(sim, replay_first=True)
+    h.start()
+    await h.until_ready()
+    assert h.history_calls == 1 and h.link.stats.reconnects == 0
+    assert h.link.stats.replayed_items == len(HISTORY)
+    await eventually(lambda: len(replayed(h)) == len(HISTORY), "replayed items")
+    assert [text for _, text in replayed(h)] == [item.text for item in HISTORY]
+    assert h.types()[:2] == ["session.created", "session.updated"]
+    h.push_turn()  # the learner's next words come after what was said before
+    committed = await h.until_event("input_audio_buffer.committed")
+    assert isinstance(committed, InputAudioBufferCommittedEvent)
+    assert committed.previous_item_id == replayed(h)[-1][0]
+
+
 async def test_a_spoken_turn_arrives_through_on_event(
     sim: SimulatorServer, make_harness: MakeHarness
 ) -> None:

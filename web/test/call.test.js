@@ -239,6 +239,26 @@ describe('network drops', () => {
     expect(c.transcript.ordered().map((e) => e.text)).toEqual(['One.', 'Said while you were away.']);
   });
 
+  it('a reconnect answered for a continuation session carries on under the new session id', async () => {
+    const c = await startLive(controller());
+    const continued = [];
+    c.on('session-continued', (e) => continued.push(e));
+    api.continueAs = 'sess_2'; // the relay holding sess_1 died: it was interrupted
+    relay.pc.setConnectionState('failed');
+    await vi.advanceTimersByTimeAsync(100);
+    expect(c.state).toBe('live');
+    const offers = api.calls.filter((x) => x.method === 'offer');
+    expect(offers.map((x) => x.args[0])).toEqual(['sess_1', 'sess_1']); // offered for the old session
+    expect(continued).toEqual([{ from: 'sess_1', to: 'sess_2' }]);
+    expect(c.sessionId).toBe('sess_2');
+    relay.pc.setConnectionState('failed'); // later reconnects are for the continuation
+    await vi.advanceTimersByTimeAsync(100);
+    expect(api.calls.filter((x) => x.method === 'clientSecret').at(-1).args).toEqual(['sess_2']);
+    expect(api.calls.filter((x) => x.method === 'offer').at(-1).args[0]).toBe('sess_2');
+    await c.end();
+    expect(api.calls.at(-1)).toMatchObject({ method: 'endSession', args: ['sess_2', undefined] });
+  });
+
   it('ICE failure and a closed channel are drops too', async () => {
     const c = await startLive(controller());
     relay.pc.setConnectionState('failed');

@@ -248,7 +248,9 @@ export class FakeApi {
 
   async offer(sessionId, secret, sdp) {
     this.record('offer', [sessionId, secret, sdp]);
-    return { answer: 'v=0\r\nanswer', location: `/v1/sessions/${sessionId}/webrtc/peer_${this.count('offer')}` };
+    // `continueAs`: the relay that held the session died, so the answer is for a continuation.
+    const answered = this.continueAs ?? sessionId;
+    return { answer: 'v=0\r\nanswer', location: `/v1/sessions/${answered}/webrtc/peer_${this.count('offer')}` };
   }
 
   async endSession(sessionId, options) {

@@ -333,6 +333,7 @@ export class CallController {
     }
     this.assertCurrent(gen);
     this.location = reply.location;
+    this.followContinuation(reply.location);
     await pc.setRemoteDescription({ type: 'answer', sdp: reply.answer });
     this.assertCurrent(gen);
 
@@ -412,6 +413,21 @@ export class CallController {
         if (gen === this.generation && pc.connectionState === 'disconnected') this.legDied('ice_disconnected', gen);
       }, this.options.disconnectedGraceMs);
     }
+  }
+
+  /**
+   * When the relay holding the session died, the session is `interrupted` and the reconnect is
+   * answered for a fresh session continuing it, named by the answer's Location. From then on
+   * secrets, End and the transcript catch-up are about the new session.
+   */
+  followContinuation(location) {
+    const match = /^\/v1\/sessions\/([^/]+)\/webrtc\//.exec(location ?? '');
+    if (!match) return;
+    const id = decodeURIComponent(match[1]);
+    if (id === this.sessionId) return;
+    const from = this.sessionId;
+    this.sessionId = id;
+    this.emit('session-continued', { from, to: id });
   }
 
   /** The current leg is gone (`gen` guards against a late event of an older leg). */
