@@ -41,7 +41,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         settings = Settings.from_env()
         configure_logging(settings.log_level)
         if args.command == "serve":
-            return _serve_command(settings, args.workers, args.worker_of)
+            return _serve_command(settings, args.workers, args.worker_of, args.worker_index)
         elif args.command == "worker":
             asyncio.run(_worker(settings, args.concurrency, args.metrics_port))
         elif args.command == "jobs" and args.jobs_command in ("list", "retry"):
@@ -72,6 +72,7 @@ def _parser() -> argparse.ArgumentParser:
     )  # fmt: skip
     # Internal: set by `--workers N` on its children (relay/cluster/workers.py).
     serve.add_argument("--worker-of", type=int, default=None, help=argparse.SUPPRESS)
+    serve.add_argument("--worker-index", type=_index, default=None, help=argparse.SUPPRESS)
     worker = sub.add_parser("worker", help="run post-processing jobs (as `parley serve` also does)")
     worker.add_argument("--concurrency", type=_positive, default=1, help="jobs run at once (default 1)")
     worker.add_argument(
@@ -92,13 +93,17 @@ def _parser() -> argparse.ArgumentParser:
     return parser
 
 
-def _serve_command(settings: Settings, workers: int | None, worker_of: int | None) -> int:
+def _serve_command(
+    settings: Settings, workers: int | None, worker_of: int | None, worker_index: int | None
+) -> int:
     """``parley serve``: this process serves (``--workers 1``, or a child of ``--workers N``), or it
     starts and watches N processes that do (relay/cluster/workers.py)."""
     from relay.cluster.workers import default_workers, die_with_parent, supervise
 
     if worker_of is not None:
         die_with_parent(worker_of)
+        # The parent numbers its children (0..N-1): their metrics' `worker` label.
+        settings = dataclasses.replace(settings, worker_index=worker_index)
         asyncio.run(_serve(settings, worker=True))
         return 0
     if workers is not None:
@@ -211,6 +216,13 @@ async def _wait_for_signal() -> None:
     finally:
         for sig in (signal.SIGINT, signal.SIGTERM):
             loop.remove_signal_handler(sig)
+
+
+def _index(raw: str) -> int:
+    value = int(raw)
+    if value < 0:
+        raise argparse.ArgumentTypeError("must be at least 0")
+    return value
 
 
 def _positive(raw: str) -> int:

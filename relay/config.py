@@ -145,6 +145,10 @@ class Settings:
     node_heartbeat_s: float = 5.0
     # The spool this process claimed (storage/spool_claims.py), set by `parley serve`; None: <data dir>/spool.
     spool_path: Path | None = None
+    # Set by `parley serve --workers N` on its children, never from the environment: this child's
+    # index (0..N-1). Its /metrics then also answers for its siblings, each labelled worker="<index>"
+    # (relay/observability/fanin.py). None: a process on its own (no worker label, as in a pod).
+    worker_index: int | None = None
 
     def __post_init__(self) -> None:
         # Derived defaults depend on data_dir; frozen dataclasses need object.__setattr__ for them.

@@ -4,11 +4,14 @@ from __future__ import annotations
 
 import asyncio
 import logging
+from datetime import timedelta
 from typing import Final
 
 from aiohttp import web
 
-from relay.keys import DATABASE, METRICS, OBJECTS, UPSTREAM
+from relay.cluster.presence import STALE_BEATS
+from relay.keys import DATABASE, METRICS, NODE, OBJECTS, SETTINGS, UPSTREAM
+from relay.observability.fanin import FAILURE_REASONS, LOCAL_SCOPE, SCOPE_PARAM, WorkerScrape, local_headers
 
 __all__ = ["routes"]
 
@@ -51,7 +54,24 @@ async def readyz(request: web.Request) -> web.Response:
 
 @routes.get("/metrics")
 async def metrics(request: web.Request) -> web.Response:
-    """Prometheus text exposition of this process's metrics."""
-    payload = request.app[METRICS].render()
+    """Prometheus text exposition of this process's metrics.
+
+    On a child of ``parley serve --workers N`` also its alive siblings' on this machine, every sample
+    labelled ``worker="<index>"``, so that scrapes of the shared port agree whichever child answers
+    (relay/observability/fanin.py); ``?scope=local`` there: this child's alone, unlabelled.
+    """
+    app = request.app
+    registry = app[METRICS]
+    index = app[SETTINGS].worker_index
     # prometheus_client's content type carries parameters that aiohttp's content_type= refuses.
-    return web.Response(body=payload, headers={"Content-Type": "text/plain; version=0.0.4; charset=utf-8"})
+    headers = {"Content-Type": "text/plain; version=0.0.4; charset=utf-8"}
+    if index is None:
+        return web.Response(body=registry.render(), headers=headers)
+    registry.watch_siblings(FAILURE_REASONS)
+    if request.query.get(SCOPE_PARAM) == LOCAL_SCOPE:
+        return web.Response(body=registry.render(), headers={**headers, **local_headers(index)})
+    scrape = WorkerScrape(
+        app[DATABASE], app[NODE], registry, index=index,
+        stale_after=timedelta(seconds=app[SETTINGS].node_heartbeat_s * STALE_BEATS),
+    )  # fmt: skip
+    return web.Response(body=await scrape.render(), headers=headers)

@@ -1,7 +1,8 @@
 """``parley serve --workers N``: N relay processes on one machine, all answering on one port.
 
 One event loop saturates one core (see AIORTC.md), so a machine runs one relay process per core.
-The parent here starts N children (``parley serve --worker-of <parent pid>``). Each child is a
+The parent here starts N children (``parley serve --worker-of <parent pid> --worker-index <i>``,
+i in 0..N-1: the ``worker`` label of its metrics, relay/observability/fanin.py). Each child is a
 whole relay node: it listens on ``PARLEY_HOST:PARLEY_PORT`` with ``SO_REUSEPORT`` (Linux spreads
 new connections over the processes), on its own loopback port for forwarded signalling, writes its
 own spool and registers as its own node. The parent only starts, watches and stops them:
@@ -31,12 +32,14 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Final
 
-__all__ = ["READY_LINE", "default_workers", "die_with_parent", "supervise"]
+__all__ = ["READY_LINE", "WORKER_INDEX_ARG", "default_workers", "die_with_parent", "supervise"]
 
 log = logging.getLogger("relay.cluster.workers")
 
 #: What a child prints on stdout, with its node id, once it serves.
 READY_LINE: Final = "parley-worker-ready"
+#: Added to each child's command with its index: stable across restarts, unlike its node id.
+WORKER_INDEX_ARG: Final = "--worker-index"
 _PR_SET_PDEATHSIG: Final = 1
 _CGROUP_CPU_MAX: Final = Path("/sys/fs/cgroup/cpu.max")
 EXIT_FAILED: Final = 1
@@ -77,8 +80,9 @@ class _Child:
 
 
 async def supervise(count: int, command: list[str], *, banner: str) -> int:
-    """Run ``count`` children of ``command`` until a signal or until all have exited; returns the
-    exit code (0: every child started, and stopped cleanly when asked)."""
+    """Run ``count`` children of ``command`` (each with ``--worker-index <i>`` added) until a signal
+    or until all have exited; returns the exit code (0: every child started, and stopped cleanly when
+    asked)."""
     loop = asyncio.get_running_loop()
     stop = asyncio.Event()
     for sig in (signal.SIGINT, signal.SIGTERM):
@@ -87,7 +91,8 @@ async def supervise(count: int, command: list[str], *, banner: str) -> int:
     try:
         for index in range(count):
             proc = await asyncio.create_subprocess_exec(
-                *command, stdin=asyncio.subprocess.DEVNULL, stdout=asyncio.subprocess.PIPE,
+                *command, WORKER_INDEX_ARG, str(index),
+                stdin=asyncio.subprocess.DEVNULL, stdout=asyncio.subprocess.PIPE,
                 start_new_session=True,  # signals reach children only through this parent
             )  # fmt: skip
             child = _Child(index, proc)

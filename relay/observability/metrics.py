@@ -1,4 +1,5 @@
-"""Prometheus metrics: the only module that imports ``prometheus_client``.
+"""Prometheus metrics: the only module that defines metrics with ``prometheus_client`` (its sibling
+:mod:`relay.observability.fanin` only parses and re-exposes expositions of ``parley serve --workers``).
 
 Each application owns one :class:`Metrics` (its own registry), so tests can run several apps in one
 process and read exact counts. Components call verb helpers (``metrics.request_done(...)``) instead
@@ -319,10 +320,22 @@ class Metrics:
             "PARLEY_SPOOL_MAX_BYTES: the spool budget; past it new sessions are refused.",
             registry=r,
         )
+        # Registered only by watch_siblings(): a process on its own has no siblings, and its /metrics
+        # stays exactly what it was before --workers existed.
+        self.sibling_failures = Counter(
+            "parley_metrics_sibling_failures_total",
+            "Scrapes of `parley serve --workers N` that left a sibling process out, by reason: timeout "
+            "(no answer in time), unreachable (connection refused or reset: it died), invalid (an answer "
+            "that is not its metrics), registry (the node registry could not be read, so every sibling "
+            "was left out).",
+            ["reason"],
+            registry=None,
+        )
         self.gc_pauses = GcPauses()
         self._zero_known_labels()
         r.register(self.gc_pauses)
         self._gc_hook = self.gc_pauses.hook
+        self._siblings_watched = False
 
     def _zero_known_labels(self) -> None:
         """Create every known label value at 0: a series that first appears at 1 is invisible to
@@ -341,6 +354,19 @@ class Metrics:
     def session_started(self, live: bool) -> None:
         """A session reached ``live`` for the first time, or ended without ever doing so."""
         self.session_starts.labels("live" if live else "failed").inc()
+
+    def watch_siblings(self, reasons: Iterable[str]) -> None:
+        """Expose ``parley_metrics_sibling_failures_total`` (a child of ``--workers N``); idempotent.
+        ``reasons``: every reason it counts, created at 0 so the first failure shows in ``rate()``."""
+        for reason in reasons:
+            self.sibling_failures.labels(reason)
+        if not self._siblings_watched:
+            self._siblings_watched = True
+            self.registry.register(self.sibling_failures)
+
+    def sibling_left_out(self, reason: str) -> None:
+        """One sibling's metrics are missing from this scrape (see :meth:`watch_siblings`)."""
+        self.sibling_failures.labels(reason).inc()
 
     def watch_feeds(self, read: FeedCounts) -> None:
         """Expose the event feeds' counters (call once per app)."""
