@@ -8,6 +8,10 @@ from typing import Any
 
 from aiohttp.test_utils import TestClient
 
+from storage import sessions
+from storage.db import Database
+from storage.models import Session, SessionStatus, User
+
 PASSWORD = "correct horse battery"
 #: A session that ended is finalized by the job worker moments later (``ended -> processing ->
 #: processed``): a test that looks after the end may see any of these.
@@ -40,3 +44,17 @@ async def problem(resp: Any, status: int, code: str) -> dict[str, Any]:
     body: dict[str, Any] = await resp.json()
     assert body["code"] == code and body["status"] == status
     return body
+
+
+async def ended_sessions(db: Database, n: int) -> list[str]:
+    """``n`` sessions of a new learner, moved ``live -> ended``: each with its finalize job queued."""
+    async with db.sessions.begin() as s:
+        user = User(email=f"{secrets.token_hex(6)}@example.org")
+        s.add(user)
+        await s.flush()
+        rows = [Session(user_id=user.id, topic_id="cafe-order", status=SessionStatus.LIVE) for _ in range(n)]
+        s.add_all(rows)
+        await s.flush()
+        for row in rows:
+            await sessions.transition(s, row.id, SessionStatus.ENDED, code="learner")
+        return [row.id for row in rows]

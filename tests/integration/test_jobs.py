@@ -31,7 +31,7 @@ from storage.db import Database
 from storage.deletion import fence
 from storage.models import AuditEvent, Job, Session, SessionStatus, User
 from storage.objects.local import LocalObjectStore
-from tests.api import signup
+from tests.api import ended_sessions, signup
 from tests.integration.recorded import new_session
 from tests.integration.test_cli import PARLEY, ROOT, base_env
 from tests.leakscan import DETECTORS, find_leaks
@@ -446,19 +446,6 @@ def test_parley_jobs_refuses_a_database_that_was_not_migrated(
 JOBS_FOR_TWO = 200
 
 
-async def _make_ended_sessions(db: Database, n: int) -> list[str]:
-    async with db.sessions.begin() as s:
-        user = User(email=f"{secrets.token_hex(6)}@example.org")
-        s.add(user)
-        await s.flush()
-        rows = [Session(user_id=user.id, topic_id="cafe-order", status=SessionStatus.LIVE) for _ in range(n)]
-        s.add_all(rows)
-        await s.flush()
-        for row in rows:
-            await sessions.transition(s, row.id, SessionStatus.ENDED, code="learner")
-        return [row.id for row in rows]
-
-
 async def test_two_worker_processes_do_every_job_exactly_once_on_postgresql(tmp_path: Path) -> None:
     """Two `parley worker` processes (two slots each) share 200 finalize jobs: each job is claimed
     once, run once and done; each session moves ended -> processing -> processed once."""
@@ -489,7 +476,7 @@ async def test_two_worker_processes_do_every_job_exactly_once_on_postgresql(tmp_
                 line = (await asyncio.wait_for(proc.stdout.readline(), 60)).decode()
                 assert "Parley worker is running" in line, (line, proc.returncode, log_tail(log))
             started = time.monotonic()
-            sids = await _make_ended_sessions(db, JOBS_FOR_TWO)
+            sids = await ended_sessions(db, JOBS_FOR_TWO)
 
             async def all_done() -> bool:
                 async with db.sessions() as s:

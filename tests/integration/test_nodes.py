@@ -28,11 +28,11 @@ from websockets.exceptions import ConnectionClosed
 
 from relay.api.realtime import SESSION_HEADER
 from relay.cluster.routing import NODE_HEADER
-from storage import migrate, nodes
+from storage import jobs, migrate, nodes
 from storage.db import Database
-from storage.models import AudioChunk, AudioRecording, Session
+from storage.models import AudioChunk, AudioRecording, Job, Session
 from storage.objects import open_object_store
-from tests.api import ENDED_OR_LATER, PASSWORD, Learner
+from tests.api import ENDED_OR_LATER, PASSWORD, Learner, ended_sessions
 from tests.fakes.relay_process import ROOT, RelayProcess, relay_env
 from tests.fakes.rtc_client import RtcClient, loopback_ice, speech_like  # noqa: F401 (fixture)
 from tests.fixtures_s3 import free_loopback_port
@@ -45,6 +45,7 @@ pytestmark = pytest.mark.integration
 TOPIC: Final = "cafe-order"
 HEARTBEAT_S: Final = 0.5
 STALE_S: Final = 3 * HEARTBEAT_S  # relay/cluster/presence.py STALE_BEATS
+JOBS_FOR_NODES: Final = 24
 
 
 @pytest.fixture
@@ -403,6 +404,37 @@ async def test_a_reconnect_after_the_owner_died_continues_in_a_new_session_on_an
     finally:
         for rtc in (first, second, third):
             await rtc.aclose()
+
+
+async def test_finalize_jobs_are_shared_by_the_nodes_workers_each_run_once(
+    two_nodes: list[RelayProcess], db: Database
+) -> None:
+    """Sessions ended while both nodes run: the nodes' in-process workers claim the finalize jobs
+    from the shared PostgreSQL queue between them, each job done once by one node."""
+    a, b = two_nodes
+    assert a.proc is not None and b.proc is not None
+    sids = await ended_sessions(db, JOBS_FOR_NODES)
+
+    async def all_done() -> bool:
+        async with db.sessions() as s:
+            left = await s.execute(select(func.count()).select_from(Job).where(Job.status != "done"))
+            return left.scalar() == 0
+
+    async with asyncio.timeout(90):
+        while not await all_done():
+            await asyncio.sleep(0.1)
+    rows = [r for r in await jobs.list_jobs(db, limit=1000) if r.session_id in set(sids)]
+    assert len(rows) == JOBS_FOR_NODES
+    assert {(r.status, r.attempts, r.runs) for r in rows} == {("done", 1, 1)}
+    by_pid: dict[int, int] = {}
+    for r in rows:
+        assert r.locked_by is not None
+        pid = int(r.locked_by.split("#", 1)[0].rsplit(":", 1)[1])
+        by_pid[pid] = by_pid.get(pid, 0) + 1
+    assert set(by_pid) == {a.proc.pid, b.proc.pid}, by_pid  # both nodes took part
+    async with db.sessions() as s:
+        statuses = (await s.execute(select(Session.status).where(Session.id.in_(sids)))).scalars().all()
+    assert set(statuses) == {"processed"}
 
 
 async def test_serve_workers_2_answers_from_two_nodes_on_one_port_and_stops_on_sigterm(
