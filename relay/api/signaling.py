@@ -80,8 +80,6 @@ async def offer(request: web.Request) -> web.Response:
     except Exception:
         raise InvalidOffer("the offer is over 64 KiB") from None
     sdp = validate_offer(raw, remote_allow=_remote_allow(request))
-    if (forwarded := await route_to_owner(request, session_id, body=raw)) is not None:
-        return forwarded  # a reconnect for a session live on another node, answered there
 
     db = request.app[DATABASE]
     async with db.sessions() as s:
@@ -90,6 +88,11 @@ async def offer(request: web.Request) -> web.Response:
             raise ClientSecretError("session")
         topic = await topics.get_topic(s, row.topic_id, include_retired=True)
     assert topic is not None  # sessions.topic_id is a RESTRICT foreign key
+    # Only an open session is anyone's to answer: an interrupted one is continued here, even while
+    # its dead owner's heartbeat is not stale yet.
+    forwarded = await route_to_owner(request, session_id, body=raw) if row.status in CONNECTABLE else None
+    if forwarded is not None:
+        return forwarded  # a reconnect for a session live on another node, answered there
     if row.status in CONNECTABLE and await _owner_lost(request.app, row, claims.user_id):
         async with db.sessions() as s:
             row = await sessions.get_owned_session(s, session_id, claims.user_id)

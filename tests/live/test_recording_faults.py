@@ -481,6 +481,44 @@ async def _connect(http: aiohttp.ClientSession, learner: Learner, rtc: RtcClient
     return Call(session_id, rtc, answer.headers["Location"], learner)
 
 
+async def _continue_after_restart(http: aiohttp.ClientSession, call: Call, sim: TappedSimulator) -> str:
+    """Reconnect an interrupted call: the answer names a new session, and its upstream is replayed
+    the interrupted session's final transcript, in order, before anything else. Its id."""
+    resp = await http.post(f"/v1/sessions/{call.session_id}/client-secret", headers=call.learner.auth)
+    assert resp.status == 201, await resp.text()
+    secret = (await resp.json())["value"]
+    resp = await http.get(f"/v1/sessions/{call.session_id}/transcript", headers=call.learner.auth)
+    stored = [seg["text"] for seg in (await resp.json())["segments"] if seg["final"]]
+    assert stored, "nothing to replay"
+    already = len(sim.sent)
+    async with RtcClient() as rtc:
+        answer = await http.post(
+            f"/v1/sessions/{call.session_id}/webrtc",
+            data=await rtc.offer(),
+            headers={"Authorization": f"Bearer {secret}", "Content-Type": "application/sdp"},
+        )
+        assert answer.status == 201, await answer.text()
+        continued_id = answer.headers["x-parley-session-id"]
+        assert continued_id != call.session_id
+        assert answer.headers["Location"].startswith(f"/v1/sessions/{continued_id}/webrtc/")
+        await rtc.accept(await answer.text())
+        async with asyncio.timeout(TIMEOUT_S):
+            await rtc.connected()
+            while True:
+                replayed = [
+                    e["item"]["content"][0]["text"]
+                    for e in sim.sent[already:]
+                    if e["type"] == "conversation.item.added" and e["item"]["id"].startswith("replay_")
+                ]
+                if len(replayed) >= len(stored):
+                    break
+                await asyncio.sleep(0.05)
+        assert replayed == stored
+        resp = await http.post(f"/v1/sessions/{continued_id}/end", headers=call.learner.auth)
+        assert resp.status == 200, await resp.text()
+    return continued_id
+
+
 def _segments_in_progress(track_spool: Path) -> dict[str, int]:
     """Name -> bytes of the track's segment(s) being written (``.ogg.part``)."""
     sizes = {}
@@ -515,10 +553,11 @@ async def worst_kill_moment(coach_spool: Path, speaking_at: float, *, last_try: 
             await asyncio.sleep(0.005)
 
 
-async def test_sigkill_mid_session_loses_at_most_1s_per_track_and_marks_interrupted(
+async def test_sigkill_mid_session_loses_at_most_1s_per_track_and_a_reconnect_continues_it(
     pg_url: str, s3_store_url: str, tmp_path: Path, loopback_ice: None
 ) -> None:
-    """Relay SIGKILLed mid-answer, then restarted: the session is `interrupted`, each track misses <= 1 s."""
+    """Relay SIGKILLed mid-answer, then restarted: the session is `interrupted`, each track misses <= 1 s;
+    the learner's reconnect opens a continuation session whose model is replayed the stored transcript."""
     db = Database(pg_url)
     await migrate.upgrade(db)
     sim = TappedSimulator(SimulatorOptions(strict=True, first_audio_ms=150, realtime_pacing=False))
@@ -574,6 +613,7 @@ async def test_sigkill_mid_session_loses_at_most_1s_per_track_and_marks_interrup
                         break
                     await asyncio.sleep(0.2)
             recovered_s = time.monotonic() - restarted_at
+            continued_id = await _continue_after_restart(http, call, sim)
         tracks = await stored_tracks(db, call.session_id)
         async with db.sessions() as s:
             session = (await s.execute(select(Session).where(Session.id == call.session_id))).scalar_one()
@@ -593,6 +633,9 @@ async def test_sigkill_mid_session_loses_at_most_1s_per_track_and_marks_interrup
             chunks={k: len(t.chunks) for k, t in tracks.items()},
         )
         assert session.status == "interrupted" and session.ended_at is not None
+        async with db.sessions() as s:
+            continued = (await s.execute(select(Session).where(Session.id == continued_id))).scalar_one()
+        assert continued.continued_from_id == call.session_id
         for track in (learner_track, coach_track):
             assert track.recording.status == "interrupted", (track.recording.track, track.recording.status)
         check_manifest(learner_track, continuous=True)
