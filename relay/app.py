@@ -277,6 +277,9 @@ async def _feeds_going_away(app: web.Application) -> None:
     feeds = app.get(FEEDS)
     if feeds is not None:
         await feeds.aclose()
+    router = app.get(ROUTER)
+    if router is not None:  # feeds this node relays from their owners
+        await router.streams_going_away()
 
 
 async def _live_sessions(app: web.Application) -> AsyncIterator[None]:

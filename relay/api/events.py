@@ -21,6 +21,15 @@ Handshake:
   422 ``invalid_request`` (``after`` not an integer >= 0, or beyond the last event published);
   409 ``session_ended`` (the session ended and its feed is no longer held).
 
+A session live on another node (``sessions.node_id``, alive) is served from that node: after the
+checks above, this node relays the owner's feed (``relay/cluster/ws_forward.py``), so the client
+sees the same events, ``seq`` and close codes as on the owner. The owner's refusals (e.g. 422 for
+an ``after`` beyond its last event) come back as its own answer, 503 ``node_unreachable`` when it
+cannot be reached, and 1012 closes a relayed feed whose owner went away mid-stream: reconnect
+with ``after`` (to any node). A subscriber that connected while the session was still ``created``
+keeps its socket when the session goes live on another node: within ``UNSTARTED_CHECK_S`` this node
+starts relaying that node's feed to it, from the first event.
+
 Close codes: 1000 the session ended and every event was sent; 1001 the server is shutting down;
 1003 the client sent a binary message; 1009 a client message over 4 KiB; 4008 ``slow_consumer``: the
 client fell more than 256 events behind (resume with ``after`` = its last ``seq``); 4009
@@ -39,12 +48,15 @@ from typing import Any, Final
 from aiohttp import WSMsgType, web
 
 from relay.api.deps import owned_session
+from relay.cluster.routing import FORWARDED_HEADER
+from relay.cluster.ws_forward import close_client, forward_feed, hand_over
 from relay.errors import BadRequest, Conflict
-from relay.keys import AUTHENTICATOR, DATABASE, FEEDS
+from relay.keys import AUTHENTICATOR, DATABASE, FEEDS, NODE, REGISTRY, ROUTER
 from relay.observability.logging import ContextLogger, log_failure
 from relay.session.feed import EventFeed, Outcome, ResumeAhead, ResumeGap, Subscription
 from storage import sessions
-from storage.models import SessionStatus
+from storage.models import Session, SessionStatus
+from storage.nodes import Owner
 from storage.uploader import RETRYABLE
 
 __all__ = ["CLOSE_RESUME_GAP", "CLOSE_SLOW_CONSUMER", "SUBPROTOCOL", "routes"]
@@ -60,8 +72,6 @@ CLOSE_UNSUPPORTED: Final = 1003
 HEARTBEAT_S: Final = 15.0
 # The client has nothing to say; this only bounds what a misbehaving one makes the server buffer.
 MAX_CLIENT_MESSAGE: Final = 4096
-# A close waits this long for a client to take the close frame; then the connection is aborted.
-CLOSE_TIMEOUT_S: Final = 10.0
 # How often a subscriber of a session that has not started checks that it was not ended meanwhile.
 UNSTARTED_CHECK_S: Final = 2.0
 
@@ -93,6 +103,9 @@ async def events(request: web.Request) -> web.StreamResponse:
         raise BadRequest(
             "This endpoint is a WebSocket: connect with an Upgrade request.", code="websocket_required"
         )
+    owner = await _owner_elsewhere(request, row)
+    if owner is not None:
+        return await forward_feed(request, ws, request.app[ROUTER], owner, subprotocols=offered)
 
     feeds = request.app[FEEDS]
     if feeds.get(session_id) is None and row.status != SessionStatus.CREATED:
@@ -110,7 +123,7 @@ async def events(request: web.Request) -> web.StreamResponse:
     try:
         await ws.prepare(request)
         if sub is None:
-            await _close(request, ws, CLOSE_RESUME_GAP, b"resume_gap")
+            await close_client(request, ws, CLOSE_RESUME_GAP, b"resume_gap")
             return ws
         slog.info("events.subscribed", extra={"after": after, "via": principal.via})
         started = time.monotonic()
@@ -127,6 +140,16 @@ async def events(request: web.Request) -> web.StreamResponse:
         if sub is not None:
             sub.close()
     return ws
+
+
+async def _owner_elsewhere(request: web.Request, row: Session) -> Owner | None:
+    """The node to relay the feed from: another alive node holding the session, by the rule of
+    :func:`relay.api.forwarding.route_to_owner`; None: serve it here."""
+    if FORWARDED_HEADER in request.headers or request.app[REGISTRY].get(row.id) is not None:
+        return None
+    if row.node_id is None or row.node_id == request.app[NODE].id:
+        return None  # not started, or started here: no need to look the owner up
+    return await request.app[ROUTER].owner_elsewhere(row.id)
 
 
 def _offered_protocols(request: web.Request) -> list[str]:
@@ -180,12 +203,24 @@ class _Stream:
         pump = asyncio.create_task(_pump(ws, sub), name=f"{name}:pump")
         reader = asyncio.create_task(_read(ws), name=f"{name}:reader")
         tasks: list[asyncio.Future[Any]] = [pump, reader]
+        watch: asyncio.Task[Owner | None] | None = None
         if not sub.feed.claimed:
-            watch = _watch_unstarted(self._request, sub.feed, self._user_id)
-            tasks.append(asyncio.create_task(watch, name=f"{name}:unstarted"))
+            watching = _watch_unstarted(self._request, sub.feed, self._user_id)
+            watch = asyncio.create_task(watching, name=f"{name}:unstarted")
+            tasks.append(watch)
         try:
-            waits: list[asyncio.Future[Any]] = [pump, reader, sub.stopped]
-            await asyncio.wait(waits, return_when=asyncio.FIRST_COMPLETED)
+            moved_to = await self._first_end(pump, reader, watch)
+            if moved_to is not None and sub.outcome is None and not reader.done():
+                # The session went live on another node after this client subscribed: nothing was
+                # published here, so the owner's feed from the same `after` is exactly what it missed.
+                pump.cancel()  # idle: nothing is published to a feed no session claimed
+                reader.cancel()  # the relay reads the client from now on
+                await asyncio.gather(pump, reader, return_exceptions=True)
+                sub.close()
+                router = self._request.app[ROUTER]
+                offered = _offered_protocols(self._request)
+                self.close_code = await hand_over(self._request, ws, router, moved_to, subprotocols=offered)
+                return
             if sub.outcome is not None:
                 code, reason = _CLOSES[sub.outcome]
             elif reader.done():
@@ -201,11 +236,30 @@ class _Stream:
                 self.close_code = ws.close_code or 1006
                 return
             self.close_code = code
-            await _close(self._request, ws, code, reason)
+            await close_client(self._request, ws, code, reason)
         finally:
             for task in tasks:
                 task.cancel()
             await asyncio.gather(*tasks, return_exceptions=True)
+
+    async def _first_end(
+        self, pump: asyncio.Task[None], reader: asyncio.Task[Any], watch: asyncio.Task[Owner | None] | None
+    ) -> Owner | None:
+        """Wait until the pump or the reader ends or the subscription stops; or until ``watch`` finds
+        the session live on another node: that node. A watcher that closed the feed instead is no end
+        by itself (the subscription stops next, as the pump takes the end)."""
+        waits: list[asyncio.Future[Any]] = [pump, reader, self._sub.stopped]
+        if watch is not None:
+            waits.append(watch)
+        while True:
+            await asyncio.wait(waits, return_when=asyncio.FIRST_COMPLETED)
+            if watch is not None and watch.done() and watch in waits:
+                waits.remove(watch)
+                moved_to = watch.result()
+                if moved_to is not None:
+                    return moved_to
+            if any(w.done() for w in waits):
+                return None
 
 
 async def _pump(ws: web.WebSocketResponse, sub: Subscription) -> None:
@@ -223,10 +277,12 @@ async def _read(ws: web.WebSocketResponse) -> tuple[int, bytes] | None:
     return None
 
 
-async def _watch_unstarted(request: web.Request, feed: EventFeed, user_id: str) -> None:
+async def _watch_unstarted(request: web.Request, feed: EventFeed, user_id: str) -> Owner | None:
     """End the unclaimed feed of a session that was ended or deleted before it ever went live.
 
-    Nothing else would: only a live session closes its feed.
+    Nothing else would: only a live session closes its feed. A session that went live on another
+    alive node instead returns that node, for this subscriber to be served from there (the feed is
+    left to the other subscribers' watchers, each of which does the same).
     """
     db = request.app[DATABASE]
     while not feed.claimed and not feed.closed:
@@ -234,29 +290,16 @@ async def _watch_unstarted(request: web.Request, feed: EventFeed, user_id: str) 
         try:
             async with db.sessions() as s:
                 row = await sessions.get_owned_session(s, feed.session_id, user_id)
+            owner = None
+            if row is not None and not feed.claimed and row.status != SessionStatus.CREATED:
+                owner = await _owner_elsewhere(request, row)
         except Exception as exc:  # the database is briefly down: check again later
             log_failure(
                 log, "events.check_failed", exc, expected=RETRYABLE, extra={"session_id": feed.session_id}
             )
             continue
+        if owner is not None:
+            return owner
         if not feed.claimed and (row is None or row.status != SessionStatus.CREATED):
             feed.close()
-
-
-async def _close(request: web.Request, ws: web.WebSocketResponse, code: int, reason: bytes) -> None:
-    """Close with ``code``; a client that takes nothing more (a full buffer) is cut after a timeout."""
-    try:
-        async with asyncio.timeout(CLOSE_TIMEOUT_S):
-            await ws.close(code=code, message=reason)
-    except TimeoutError:
-        pass
-    except asyncio.CancelledError:
-        task = asyncio.current_task()
-        if task is not None and task.cancelling():
-            raise
-        # Not this task's cancellation: a send cancelled while it waited for the drain the close
-        # needed too (aiohttp shares the waiter). The close frame is written; give up on the rest.
-    transport = request.transport
-    if transport is not None and transport.get_write_buffer_size() > 0:
-        # A client that never took its data would hold the buffer for as long as TCP lets it.
-        transport.abort()
+    return None

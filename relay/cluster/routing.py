@@ -6,13 +6,16 @@ is not live in this process and ``sessions.node_id`` names another node that is 
 is sent on to that node's internal URL (same method, path, query, body, ``Authorization`` and
 ``Content-Type``, plus :data:`FORWARDED_HEADER`, so it is never sent on twice) and the owner's
 answer is returned as it is. Otherwise the local handler goes on: a dead owner's session is not live anywhere.
+The event feed WebSocket follows the same rule, relayed for as long as it lasts (relay/cluster/ws_forward.py).
 """
 
 from __future__ import annotations
 
+import asyncio
 import logging
+from collections.abc import Iterable
 from datetime import timedelta
-from typing import Final
+from typing import Final, Protocol
 from urllib.parse import urlsplit
 
 import aiohttp
@@ -26,7 +29,7 @@ from storage import nodes
 from storage.db import Database
 from storage.nodes import Owner
 
-__all__ = ["FORWARDED_HEADER", "NODE_HEADER", "OwnerRouter"]
+__all__ = ["FORWARDED_HEADER", "NODE_HEADER", "ForwardedStream", "OwnerRouter", "answer_headers"]
 
 log = logging.getLogger("relay.cluster.routing")
 
@@ -46,10 +49,25 @@ _LOOPBACK_NAMES: Final = frozenset({"127.0.0.1", "localhost", "::1"})
 _UNREACHABLE: Final = (aiohttp.ClientError, TimeoutError)
 
 
+class ForwardedStream(Protocol):
+    """A long-lived forwarded connection (an event feed, relay/cluster/ws_forward.py) that this node
+    must end itself when it shuts down: aiohttp waits for open handlers before anything else closes."""
+
+    async def going_away(self) -> None:
+        """Close the client's side with 1001 and the owner's; idempotent, returns once closed."""
+        ...
+
+
+def answer_headers(headers: Iterable[tuple[str, str]]) -> CIMultiDict[str]:
+    """An owner's answer headers worth passing on: connection-level ones describe the hop between nodes."""
+    return CIMultiDict((k, v) for k, v in headers if k.lower() not in _HOP_BY_HOP)
+
+
 class OwnerRouter:
     """Finds a session's owner and forwards requests to it; owns one HTTP client pool.
 
-    :meth:`aclose` is idempotent.
+    It also knows the forwarded streams still open (:meth:`hold`), so that shutdown can end them
+    (:meth:`streams_going_away`); their handlers own them. :meth:`aclose` is idempotent.
     """
 
     def __init__(
@@ -61,6 +79,7 @@ class OwnerRouter:
         self._http = aiohttp.ClientSession(
             timeout=aiohttp.ClientTimeout(total=timeout_s), auto_decompress=False
         )
+        self._streams: set[ForwardedStream] = set()
 
     async def owner(self, session_id: str) -> Owner | None:
         """The node the session went live on, if one is recorded."""
@@ -74,13 +93,38 @@ class OwnerRouter:
         loopback = urlsplit(owner.url).hostname in _LOOPBACK_NAMES
         return not loopback or machine_of(owner.node_id) == machine_of(self.node_id)
 
+    async def owner_elsewhere(self, session_id: str) -> Owner | None:
+        """The session's owner when it is another alive node reachable from here, else None."""
+        owner = await self.owner(session_id)
+        return owner if self.held_elsewhere(owner) else None
+
+    def url_for(self, owner: Owner, request: web.Request) -> str:
+        """The owner's internal URL for ``request`` (same path and query)."""
+        assert owner.url is not None
+        return owner.url.rstrip("/") + request.rel_url.path_qs
+
+    def forward_headers(self, request: web.Request) -> dict[str, str]:
+        """The request headers the owner needs, plus :data:`FORWARDED_HEADER` naming this node."""
+        headers = {h: request.headers[h] for h in _REQUEST_HEADERS if h in request.headers}
+        headers[FORWARDED_HEADER] = self.node_id
+        return headers
+
+    def hold(self, stream: ForwardedStream) -> None:
+        """Count ``stream`` among the open forwarded streams until :meth:`release`."""
+        self._streams.add(stream)
+
+    def release(self, stream: ForwardedStream) -> None:
+        self._streams.discard(stream)
+
+    async def streams_going_away(self) -> None:
+        """End every forwarded stream still open (1001 to its client); for ``on_shutdown``."""
+        await asyncio.gather(*(stream.going_away() for stream in list(self._streams)), return_exceptions=True)
+
     async def forward(self, request: web.Request, owner: Owner, body: bytes | None = None) -> web.Response:
         """Send ``request`` to ``owner`` and return its answer; 503 ``node_unreachable`` if it
         gives none in time (the caller may retry: by then the owner answers or counts as dead)."""
-        assert owner.url is not None
-        url = owner.url.rstrip("/") + request.rel_url.path_qs
-        headers = {h: request.headers[h] for h in _REQUEST_HEADERS if h in request.headers}
-        headers[FORWARDED_HEADER] = self.node_id
+        url = self.url_for(owner, request)
+        headers = self.forward_headers(request)
         data = body if body is not None else await request.read()
         # No body, no Content-Type: aiohttp would otherwise label an empty one octet-stream.
         session_id = request.match_info.get("session_id")
@@ -90,7 +134,7 @@ class OwnerRouter:
             ) as resp:
                 payload = await resp.read()
                 status = resp.status
-                answer = CIMultiDict((k, v) for k, v in resp.headers.items() if k.lower() not in _HOP_BY_HOP)
+                answer = answer_headers(resp.headers.items())
         except _UNREACHABLE as exc:
             log_failure(
                 log, "cluster.forward_failed", exc, expected=_UNREACHABLE,
@@ -107,5 +151,6 @@ class OwnerRouter:
         return web.Response(status=status, body=payload, headers=answer)
 
     async def aclose(self) -> None:
+        await self.streams_going_away()  # none by now unless on_shutdown did not run
         if not self._http.closed:
             await self._http.close()
