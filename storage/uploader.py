@@ -40,6 +40,7 @@ __all__ = [
     "RETRYABLE",
     "SessionGone",
     "Uploader",
+    "delete_with_retries",
     "get_or_create_recording",
     "upload_event_log",
     "upload_file",
@@ -195,16 +196,25 @@ async def _fenced_out(
     """
     log.info("uploader.session_gone", extra={"session_id": session_id})
     await asyncio.to_thread(spool.remove, path)
-    attempts = ORPHAN_DELETE_ATTEMPTS if put_done else 1
+    deleted = await delete_with_retries(store, key, attempts=ORPHAN_DELETE_ATTEMPTS if put_done else 1)
+    if put_done and not deleted:
+        log.error("uploader.orphan_delete_failed", extra={"session_id": session_id})
+
+
+async def delete_with_retries(
+    store: ObjectStore, key: str, *, attempts: int = ORPHAN_DELETE_ATTEMPTS
+) -> bool:
+    """Delete an object that must not stay, retrying store failures ``attempts`` times with the
+    uploader's backoff (0.25 s doubling, at most :data:`MAX_RETRY_INTERVAL_S` apart, about 20 s for
+    8 attempts); whether it is gone. The caller logs a failure in its own terms."""
     for attempt in range(attempts):
         try:
             await store.delete(key)
-            return
+            return True
         except ObjectStoreError:
             if attempt + 1 < attempts:
                 await asyncio.sleep(min(MAX_RETRY_INTERVAL_S, 0.25 * 2**attempt))
-    if put_done:
-        log.error("uploader.orphan_delete_failed", extra={"session_id": session_id})
+    return False
 
 
 async def upload_file(db: Database, store: ObjectStore, spool: Spool, path: Path) -> None:

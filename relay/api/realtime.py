@@ -19,12 +19,12 @@ from typing import Final
 from aiohttp import web
 
 from relay.api.deps import current_principal
+from relay.api.session_states import state_writer
 from relay.errors import BadRequest, RateLimited
 from relay.integrations.bridge import RealtimeBridge, TopicConfig
 from relay.keys import (
     DATABASE,
     FEEDS,
-    JOBS,
     LIMITS,
     LIVE,
     METRICS,
@@ -36,7 +36,7 @@ from relay.keys import (
 )
 from relay.observability.logging import hash_id
 from storage import nodes, sessions, topics
-from storage.models import SessionStatus, new_id
+from storage.models import new_id
 
 __all__ = ["SESSION_HEADER", "routes"]
 
@@ -85,12 +85,6 @@ async def realtime_socket(request: web.Request) -> web.StreamResponse:
         registry.release(session_id)
         raise
 
-    async def write_state(sid: str, status: str, code: str | None) -> None:
-        async with db.sessions.begin() as s:
-            await sessions.transition(s, sid, status, user_hash=user_hash, code=code)
-        if status == SessionStatus.ENDED and (worker := app.get(JOBS)) is not None:
-            worker.wake()  # ending enqueued the session's finalize job
-
     feed = app[FEEDS].open(session_id)
     bridge = RealtimeBridge(
         session_id,
@@ -100,7 +94,7 @@ async def realtime_socket(request: web.Request) -> web.StreamResponse:
         upstream=app[UPSTREAM],
         recorder=app[RECORDERS].open(session_id),
         metrics=app[METRICS],
-        write_state=write_state,
+        write_state=state_writer(app, principal.user_id),
         send=feed.publish,
         on_closed=lambda b: registry.discard(b.id),
     )

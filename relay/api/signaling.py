@@ -20,13 +20,13 @@ from relay.api.body import read_body
 from relay.api.deps import current_principal, owned_session
 from relay.api.forwarding import route_to_owner
 from relay.api.realtime import SESSION_HEADER
+from relay.api.session_states import state_writer, wake_jobs
 from relay.api.views import session_view
 from relay.browser.sdp import InvalidOffer, validate_offer
 from relay.errors import Conflict, NotFound
 from relay.keys import (
     DATABASE,
     FEEDS,
-    JOBS,
     LIVE,
     METRICS,
     NODE,
@@ -233,16 +233,7 @@ def _webrtc_session(live: Live | None) -> LiveSession | None:
 
 
 def _start_live(app: web.Application, spec: SessionSpec) -> LiveSession:
-    db = app[DATABASE]
     registry = app[REGISTRY]
-    user_hash = hash_id(spec.user_id)
-
-    async def write_state(session_id: str, status: str, code: str | None) -> None:
-        async with db.sessions.begin() as s:
-            await sessions.transition(s, session_id, status, user_hash=user_hash, code=code)
-        if status == SessionStatus.ENDED:
-            _wake_jobs(app)  # ending enqueued the session's finalize job
-
     feed = app[FEEDS].open(spec.session_id)
     live = LiveSession(
         spec,
@@ -250,7 +241,7 @@ def _start_live(app: web.Application, spec: SessionSpec) -> LiveSession:
         upstream=app[UPSTREAM],
         recorder=app[RECORDERS].open(spec.session_id),
         metrics=app[METRICS],
-        write_state=write_state,
+        write_state=state_writer(app, spec.user_id),
         publish=feed.publish,
         on_closed=lambda s: registry.discard(s.id),
     )
@@ -310,17 +301,10 @@ async def end_session(request: web.Request) -> web.Response:
             await sessions.transition(
                 s, session_id, SessionStatus.ENDED, user_hash=hash_id(principal.user_id), code="ended_by_user"
             )
-        _wake_jobs(request.app)
+        wake_jobs(request.app)
     async with db.sessions() as s:
         row = await owned_session(s, session_id, principal.user_id)
         audio = await sessions.recordings(s, [row.id])
     return web.json_response(
         session_view(row, audio.get(row.id, ()), default_retention_days=request.app[SETTINGS].retention_days)
     )
-
-
-def _wake_jobs(app: web.Application) -> None:
-    """Let this process's job worker (if it runs one) claim the job just enqueued without waiting."""
-    worker = app.get(JOBS)
-    if worker is not None:
-        worker.wake()

@@ -42,6 +42,7 @@ from relay.model.link import classify
 from relay.model.protocol import MalformedEvent
 from relay.observability.logging import ContextLogger, log_failure
 from relay.observability.metrics import Metrics
+from relay.session.registry import StateWriter
 from relay.session.transcripts import TranscriptBook
 from relay.upstream import Upstream
 from storage.models import SessionStatus
@@ -58,8 +59,6 @@ TRANSCRIPTION_MODEL: Final = "gpt-4o-mini-transcribe"
 #: Application close codes of the socket (RFC 6455 leaves 4000-4999 to applications).
 CLOSE_UPSTREAM_FAILED: Final = WSCloseCode.INTERNAL_ERROR  # 1011: the client may retry later
 CLOSE_GOING_AWAY: Final = WSCloseCode.GOING_AWAY  # 1001: this node is shutting down / upstream expired
-
-StateWriter = Callable[[str, str, "str | None"], Awaitable[None]]
 
 
 class TopicConfig:

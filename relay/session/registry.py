@@ -12,16 +12,20 @@ from __future__ import annotations
 
 import asyncio
 import logging
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from typing import Final, Protocol
 
 from relay.errors import CapacityError
 
-__all__ = ["Live", "SessionRegistry"]
+__all__ = ["Live", "SessionRegistry", "StateWriter"]
 
 log = logging.getLogger("relay.session.registry")
 
 RETRY_AFTER_S: Final = 5
+
+#: Persists a live session's state change: ``(session_id, status, code)``, the status row and its
+#: audit event (relay/api/session_states.py). The session awaits each one, in order.
+StateWriter = Callable[[str, str, "str | None"], Awaitable[None]]
 
 
 class Live(Protocol):

@@ -30,6 +30,7 @@ from relay.model.link import LinkStatus, ModelLink, UpstreamFatal
 from relay.observability.logging import ContextLogger, log_failure
 from relay.observability.metrics import Metrics
 from relay.session.downlink import Downlink
+from relay.session.registry import StateWriter
 from relay.session.uplink import UpstreamClock, run_uplink
 from relay.upstream import Upstream
 from storage.models import SessionStatus
@@ -44,9 +45,6 @@ TRANSCRIPTION_MODEL: Final = "gpt-4o-mini-transcribe"
 FLUSH_ON_ERROR_S: Final = 2.0
 STATS_EVERY_S: Final = 5.0
 OPEN_STATES: Final = frozenset({SessionStatus.CONNECTING, SessionStatus.LIVE, SessionStatus.RECONNECTING})
-
-# Persists a state change (status row + audit event); the session awaits it, in order.
-StateWriter = Callable[[str, str, "str | None"], Awaitable[None]]
 
 
 @dataclass(frozen=True, slots=True)

@@ -49,7 +49,7 @@ from storage.deletion import fenced
 from storage.jobs import SessionFenced
 from storage.models import AudioChunk, AudioRecording
 from storage.objects import ObjectStore, ObjectStoreError
-from storage.uploader import RETRYABLE
+from storage.uploader import RETRYABLE, delete_with_retries
 
 __all__ = ["STEP", "TOLERANCE_MS", "UNAVAILABLE", "UNVERIFIED", "assembly_step"]
 
@@ -290,14 +290,8 @@ async def _remove_if_fenced(db: Database, store: ObjectStore, key: str, src: _So
 
 async def _remove(store: ObjectStore, key: str, src: _Source, *, attempts: int = REMOVE_ATTEMPTS) -> None:
     """Delete a file that must not stay, retrying a while when the store fails (as the uploader does)."""
-    for attempt in range(attempts):
-        try:
-            await store.delete(key)
-            return
-        except ObjectStoreError:
-            if attempt + 1 < attempts:
-                await asyncio.sleep(min(4.0, 0.25 * 2**attempt))
-    log.error("assembly.remove_failed", extra={"session_id": src.session_id, "track": src.track})
+    if not await delete_with_retries(store, key, attempts=attempts):
+        log.error("assembly.remove_failed", extra={"session_id": src.session_id, "track": src.track})
 
 
 def _unavailable(exc: ObjectStoreError, src: _Source) -> JobError:
