@@ -192,6 +192,8 @@ class TranscriptBook:
             segment_id = await self._recorder.transcript(segment)
             if not segment_id:  # the session is being deleted: nothing was stored
                 return
-            self._send({"type": "transcript.final", "segment": segment_view(segment_id, segment)})
+            # item_id beside the Segment (which has none): the client replaces that item's partial.
+            final = {"type": "transcript.final", "segment": segment_view(segment_id, segment)}
+            self._send({**final, "item_id": segment.item_id})
 
         self._spawn(store(), f"transcript:{segment.item_id}")

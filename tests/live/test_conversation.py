@@ -121,6 +121,12 @@ async def test_three_turn_conversation_with_audio_both_ways(relay: Relay) -> Non
     assert all(x.text for x in segments)
     live_finals = {e["segment"]["id"] for e in call.events("transcript.final")}
     assert live_finals <= {x.id for x in segments}  # the live ids are the stored ids
+    # Each final names the item whose partials it completes, as the deltas did.
+    stored_items = {x.id: x.item_id for x in segments}
+    finals = call.events("transcript.final")
+    assert finals and all(e["item_id"] == stored_items[e["segment"]["id"]] for e in finals)
+    delta_items = {e["item_id"] for e in call.events("transcript.delta")}
+    assert {e["item_id"] for e in finals if e["segment"]["speaker"] == "coach"} <= delta_items
     assert [x.start_ms for x in segments] == sorted(x.start_ms for x in segments)
     # The learner track holds at least what was spoken, and the coach track what was played.
     assert recordings["learner"].duration_ms >= sent_ms

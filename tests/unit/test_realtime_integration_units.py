@@ -202,4 +202,4 @@ async def test_a_client_truncation_cuts_the_coach_transcript_to_what_was_heard()
     for work in spawned:
         await work
     assert [(s.text, s.truncated, s.end_ms) for s in taken.segments] == [("one two", True, 500)]
-    assert sent[-1]["type"] == "transcript.final"
+    assert sent[-1]["type"] == "transcript.final" and sent[-1]["item_id"] == "item_A"
