@@ -22,6 +22,7 @@ from storage.models import Node, Session, SessionStatus, utcnow
 
 __all__ = [
     "Owner",
+    "alive_owners_of_user",
     "claim_session",
     "deregister",
     "heartbeat",
@@ -96,9 +97,25 @@ async def owner_of(db: Database, session_id: str, *, stale_after: timedelta) -> 
         ).one_or_none()
     if row is None or row.node_id is None:
         return None
-    beat: datetime | None = row.heartbeat_at
-    alive = beat is not None and beat >= utcnow() - stale_after
-    return Owner(node_id=row.node_id, url=row.url, alive=alive)
+    return _owner(row.node_id, row.url, row.heartbeat_at, stale_after)
+
+
+async def alive_owners_of_user(db: Database, user_id: str, *, stale_after: timedelta) -> dict[str, Owner]:
+    """Session id -> owner, for the user's sessions whose node is alive now (one query)."""
+    cutoff = utcnow() - stale_after
+    async with db.sessions() as s:
+        rows = (
+            await s.execute(
+                select(Session.id, Session.node_id, Node.url, Node.heartbeat_at)
+                .join(Node, Node.id == Session.node_id)
+                .where(Session.user_id == user_id, Node.heartbeat_at >= cutoff)
+            )
+        ).all()
+    return {row.id: _owner(row.node_id, row.url, row.heartbeat_at, stale_after) for row in rows}
+
+
+def _owner(node_id: str, url: str | None, beat: datetime | None, stale_after: timedelta) -> Owner:
+    return Owner(node_id=node_id, url=url, alive=beat is not None and beat >= utcnow() - stale_after)
 
 
 async def claim_session(s: AsyncSession, session_id: str, node_id: str) -> None:

@@ -21,8 +21,9 @@ from sqlalchemy.exc import InterfaceError, OperationalError
 from relay.api.deps import current_principal, owned_session
 from relay.api.forwarding import route_to_owner
 from relay.errors import DependencyError
-from relay.keys import DATABASE, OBJECTS, RECORDERS, REGISTRY, SETTINGS
+from relay.keys import DATABASE, OBJECTS, RECORDERS, REGISTRY, ROUTER, SETTINGS
 from relay.observability.logging import hash_id
+from storage import nodes
 from storage.db import DatabaseUnavailable
 from storage.deletion import DeletionReport, delete_session, delete_user, fence
 from storage.models import Session
@@ -49,6 +50,25 @@ async def _fence_and_end(app: web.Application, session_id: str) -> None:
     recorders = app[RECORDERS]
     if isinstance(recorders, SpoolRecorderFactory):
         await recorders.uploader.wait_session(session_id, UPLOAD_SETTLE_S)
+
+
+async def _delete_on_owners(request: web.Request, user_id: str) -> None:
+    """Sessions held by another alive node are deleted there (``DELETE /v1/sessions/{id}`` with the
+    caller's token), as a single session's delete is: only that node can end its live call and
+    remove its spool files. Anything but 204 (or 404: already gone) stops the account's deletion."""
+    app = request.app
+    router = app[ROUTER]
+    owners = await nodes.alive_owners_of_user(app[DATABASE], user_id, stale_after=router.stale_after)
+    headers = router.forward_headers(request)
+    for session_id, owner in owners.items():
+        if app[REGISTRY].get(session_id) is not None or not router.held_elsewhere(owner):
+            continue
+        status, _, _ = await router.send(
+            owner, "DELETE", f"/v1/sessions/{session_id}", headers, session_id=session_id
+        )
+        if status not in (204, 404):
+            log.warning("account.delete_failed", extra={"session_id": session_id, "http_status": status})
+            raise DependencyError(_INCOMPLETE, code="delete_incomplete")
 
 
 def _name(exc: BaseException) -> str:
@@ -88,6 +108,7 @@ async def delete_one(request: web.Request) -> web.Response:
 async def delete_me(request: web.Request) -> web.Response:
     principal = await current_principal(request)
     app = request.app
+    await _delete_on_owners(request, principal.user_id)
     async with app[DATABASE].sessions() as s:
         session_ids = list(
             (await s.execute(select(Session.id).where(Session.user_id == principal.user_id))).scalars()

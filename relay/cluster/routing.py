@@ -75,7 +75,7 @@ class OwnerRouter:
     ) -> None:
         self._db = db
         self.node_id = node_id
-        self._stale_after = timedelta(seconds=stale_after_s)
+        self.stale_after = timedelta(seconds=stale_after_s)
         self._http = aiohttp.ClientSession(
             timeout=aiohttp.ClientTimeout(total=timeout_s), auto_decompress=False
         )
@@ -83,7 +83,7 @@ class OwnerRouter:
 
     async def owner(self, session_id: str) -> Owner | None:
         """The node the session went live on, if one is recorded."""
-        return await nodes.owner_of(self._db, session_id, stale_after=self._stale_after)
+        return await nodes.owner_of(self._db, session_id, stale_after=self.stale_after)
 
     def held_elsewhere(self, owner: Owner | None) -> bool:
         """Whether ``owner`` is another node that is alive and reachable from here."""
@@ -98,10 +98,10 @@ class OwnerRouter:
         owner = await self.owner(session_id)
         return owner if self.held_elsewhere(owner) else None
 
-    def url_for(self, owner: Owner, request: web.Request) -> str:
-        """The owner's internal URL for ``request`` (same path and query)."""
+    def url_for(self, owner: Owner, path_qs: str) -> str:
+        """The owner's internal URL for a path (with its query): a request's own, to forward it."""
         assert owner.url is not None
-        return owner.url.rstrip("/") + request.rel_url.path_qs
+        return owner.url.rstrip("/") + path_qs
 
     def forward_headers(self, request: web.Request) -> dict[str, str]:
         """The request headers the owner needs, plus :data:`FORWARDED_HEADER` naming this node."""
@@ -123,14 +123,30 @@ class OwnerRouter:
     async def forward(self, request: web.Request, owner: Owner, body: bytes | None = None) -> web.Response:
         """Send ``request`` to ``owner`` and return its answer; 503 ``node_unreachable`` if it
         gives none in time (the caller may retry: by then the owner answers or counts as dead)."""
-        url = self.url_for(owner, request)
-        headers = self.forward_headers(request)
         data = body if body is not None else await request.read()
-        # No body, no Content-Type: aiohttp would otherwise label an empty one octet-stream.
-        session_id = request.match_info.get("session_id")
+        status, payload, answer = await self.send(
+            owner, request.method, request.rel_url.path_qs, self.forward_headers(request), data,
+            session_id=request.match_info.get("session_id"),
+        )  # fmt: skip
+        return web.Response(status=status, body=payload, headers=answer)
+
+    async def send(
+        self,
+        owner: Owner,
+        method: str,
+        path_qs: str,
+        headers: dict[str, str],
+        data: bytes = b"",
+        *,
+        session_id: str | None,
+    ) -> tuple[int, bytes, CIMultiDict[str]]:
+        """One request to ``owner``'s internal URL (``headers`` from :meth:`forward_headers`): its
+        status, body and the headers worth passing on; :class:`DependencyError` if it gives none."""
+        url = self.url_for(owner, path_qs)
         try:
+            # No body, no Content-Type: aiohttp would otherwise label an empty one octet-stream.
             async with self._http.request(
-                request.method, url, data=data or None, headers=headers, allow_redirects=False
+                method, url, data=data or None, headers=headers, allow_redirects=False
             ) as resp:
                 payload = await resp.read()
                 status = resp.status
@@ -145,10 +161,10 @@ class OwnerRouter:
             ) from None
         log.info(
             "cluster.forwarded",
-            extra={"session_id": session_id, "node_id": owner.node_id, "method": request.method,
+            extra={"session_id": session_id, "node_id": owner.node_id, "method": method,
                    "http_status": status},
         )  # fmt: skip
-        return web.Response(status=status, body=payload, headers=answer)
+        return status, payload, answer
 
     async def aclose(self) -> None:
         await self.streams_going_away()  # none by now unless on_shutdown did not run

@@ -175,7 +175,7 @@ async def open_upstream(
 
     Raises ``OSError``, ``TimeoutError`` or ``InvalidHandshake`` when it could not be reached.
     """
-    url = router.url_for(owner, request)
+    url = router.url_for(owner, request.rel_url.path_qs)
     # PARLEY_NODE_URL is http(s)://; the same host and port speak ws(s)://.
     url = "ws" + url.removeprefix("http") if url.startswith("http") else url
     return await connect(

@@ -215,6 +215,37 @@ async def test_end_and_delete_sent_to_another_node_reach_the_owner(
         assert await status_of(db, ended_id) is None
 
 
+async def test_deleting_the_account_on_another_node_deletes_the_sessions_its_owner_holds(
+    two_nodes: list[RelayProcess], db: Database, s3_store_url: str
+) -> None:
+    """DELETE /v1/me sent to B while A holds one live and one ended session of the learner: A ends
+    and deletes both (call closed, rows and objects gone), then B deletes the account."""
+    a, b = two_nodes
+    async with aiohttp.ClientSession() as http:
+        learner = await signup(http, b)
+        key = await api_key(http, a, learner)
+        async with realtime(a, key) as (conn, ended_id):
+            await send_audio(conn, speech(2))
+        await wait_status(db, ended_id, ENDED_OR_LATER)
+        async with realtime(a, key) as (conn, live_id):
+            await send_audio(conn, speech(3))
+            async with http.delete(f"{b.base_url}/v1/me", headers=learner.auth) as resp:
+                assert resp.status == 204, await resp.text()
+            await closed_with(conn)  # the live call ended on A
+        for session_id in (ended_id, live_id):
+            assert await status_of(db, session_id) is None
+        async with db.sessions() as s:
+            assert (await s.execute(select(func.count()).select_from(Session))).scalar() == 0
+        store = open_object_store(s3_store_url)
+        try:
+            for session_id in (ended_id, live_id):
+                assert [o async for o in store.list(f"sessions/{session_id}/")] == []
+        finally:
+            await store.aclose()
+        async with http.get(f"{a.base_url}/v1/me", headers=learner.auth) as resp:
+            assert resp.status == 401  # the account is gone on every node
+
+
 async def send_offer(
     http: aiohttp.ClientSession, relay: RelayProcess, session_id: str, secret: str, rtc: RtcClient
 ) -> aiohttp.ClientResponse:
