@@ -37,6 +37,7 @@ from relay.api import (
 from relay.api.forwarding import stamp_node
 from relay.api.problems import problem_middleware
 from relay.browser.ice import restrict_host_addresses
+from relay.browser.ports import install_port_range, uninstall_port_range
 from relay.cluster.identity import NodeIdentity, new_node_id
 from relay.cluster.orphans import OrphanSpoolReaper
 from relay.cluster.presence import NodePresence
@@ -287,6 +288,15 @@ async def _live_sessions(app: web.Application) -> AsyncIterator[None]:
     if settings.rtc_host_addresses:
         # Process-wide by necessity: aioice asks one module-level function for host addresses.
         restrict_host_addresses(list(settings.rtc_host_addresses))
+    loop = asyncio.get_running_loop()
+    if settings.rtc_port_range is not None:
+        # Per loop (and a process-wide candidate guard): aioice binds port 0 and has no range option.
+        install_port_range(
+            loop,
+            settings.rtc_port_range,
+            on_exhausted=app[METRICS].rtc_port_exhausted.inc,
+            max_sessions=settings.max_sessions,
+        )
     monitor = LoopLagMonitor(on_sample=app[METRICS].loop_lag.observe)
     monitor.start()
     app[LOOP_LAG] = monitor
@@ -324,6 +334,8 @@ async def _live_sessions(app: web.Application) -> AsyncIterator[None]:
         await asyncio.gather(recovery, return_exceptions=True)
         await recorders.aclose()
         await monitor.aclose()
+        if settings.rtc_port_range is not None:
+            uninstall_port_range(loop)
 
 
 async def _retention(app: web.Application) -> AsyncIterator[None]:

@@ -43,6 +43,8 @@ MAX_RATING_TIMEOUT_S: Final = 600.0
 MAX_RATING_MODEL_LEN: Final = 128
 MIN_NODE_HEARTBEAT_S: Final = 0.2
 MAX_NODE_HEARTBEAT_S: Final = 60.0
+# Below 1024 a bind needs privileges the relay must not have.
+MIN_RTC_PORT: Final = 1024
 
 
 class ConfigError(ValueError):
@@ -119,6 +121,8 @@ class Settings:
     turn_ttl_s: int = DEFAULT_TURN_TTL_S
     rtc_host_addresses: tuple[str, ...] = ()
     rtc_remote_allow: tuple[str, ...] = ()
+    # UDP ports for ICE host candidates, (low, high) both included; None: ephemeral ports (the kernel's).
+    rtc_port_range: tuple[int, int] | None = None
     reconnect_grace_s: float = 30.0
     max_session_s: float = 3600.0
     max_sessions: int = 15
@@ -255,6 +259,13 @@ class Settings:
                 "PARLEY_NODE_HEARTBEAT_SECONDS",
                 f"must be between {MIN_NODE_HEARTBEAT_S:g} and {MAX_NODE_HEARTBEAT_S:g} seconds",
             )
+        if self.rtc_port_range is not None:
+            low, high = self.rtc_port_range
+            if not MIN_RTC_PORT <= low <= high <= 65535:
+                raise ConfigError(
+                    "PARLEY_RTC_PORT_RANGE",
+                    f"must satisfy {MIN_RTC_PORT} <= low <= high <= 65535, got {low}-{high}",
+                )
         for variable, value in (
             ("PARLEY_MAX_SESSIONS", self.max_sessions),
             ("PARLEY_SESSIONS_PER_MINUTE", self.session_create_per_minute),
@@ -351,6 +362,7 @@ class Settings:
             turn_ttl_s=_int("PARLEY_TURN_TTL", get("PARLEY_TURN_TTL"), DEFAULT_TURN_TTL_S),
             rtc_host_addresses=_csv(get("PARLEY_RTC_HOST_ADDRESSES")),
             rtc_remote_allow=_csv(get("PARLEY_RTC_REMOTE_ALLOW")),
+            rtc_port_range=_port_range(get("PARLEY_RTC_PORT_RANGE")),
             reconnect_grace_s=_float("PARLEY_RECONNECT_GRACE", get("PARLEY_RECONNECT_GRACE"), 30.0),
             max_session_s=_float("PARLEY_MAX_SESSION_SECONDS", get("PARLEY_MAX_SESSION_SECONDS"), 3600.0),
             max_sessions=_int("PARLEY_MAX_SESSIONS", get("PARLEY_MAX_SESSIONS"), 15),
@@ -398,6 +410,18 @@ def _float(variable: str, raw: str | None, default: float) -> float:
 
 def _csv(raw: str | None) -> tuple[str, ...]:
     return tuple(part.strip() for part in (raw or "").split(",") if part.strip())
+
+
+def _port_range(raw: str | None) -> tuple[int, int] | None:
+    if raw is None:
+        return None
+    low, _, high = raw.partition("-")  # no "-": high is "", which int() refuses too
+    try:
+        return int(low), int(high)
+    except ValueError:
+        raise ConfigError(
+            "PARLEY_RTC_PORT_RANGE", f"must be low-high, e.g. 40000-40999, got {raw!r}"
+        ) from None
 
 
 def _ice_servers(raw: str | None) -> tuple[dict[str, Any], ...]:

@@ -192,6 +192,13 @@ class Metrics:
         self.peer_losses = Counter(
             "parley_peer_losses_total", "Browser legs declared dead, by cause.", ["cause"], registry=r
         )
+        # No labels, so it is exposed at 0 from the start and its first increase shows in rate().
+        self.rtc_port_exhausted = Counter(
+            "parley_rtc_port_exhausted_total",
+            "ICE host-candidate binds that found every port of PARLEY_RTC_PORT_RANGE in use (one per "
+            "host address per offer); an offer left with no candidate is refused with 503.",
+            registry=r,
+        )
         self.loop_lag = Histogram(
             "parley_event_loop_lag_seconds",
             "How late a 100 ms timer fires on the event loop.",
