@@ -148,8 +148,8 @@ class Metrics:
         )
         self.session_outcomes = Counter(
             "parley_session_outcomes_total",
-            "Live sessions that ended, by end reason (learner, user_request, grace_expired, max_duration, "
-            "upstream_failed, shutdown, ...).",
+            "Live sessions that ended, by end reason (learner, user_request, grace_expired, no_peer, "
+            "max_duration, upstream_failed, shutdown, ...).",
             ["reason"],
             registry=r,
         )

@@ -165,6 +165,13 @@ class LiveSession:
             answer = await peer.negotiate(offer_sdp)
         except BaseException:
             await peer.aclose()
+            if self.peer is None and self._grace is None:
+                # Admitted, but no leg came of it (no media port, a negotiation error): like a lost
+                # leg, it gets the reconnect grace for a working offer, then the session ends
+                # instead of holding its slot until the maximum duration.
+                self._grace = asyncio.create_task(
+                    self._grace_window("no_peer"), name=f"session:{self.id}:grace"
+                )
             raise
         if self._end_requested.is_set():  # ended while negotiating
             await peer.aclose()
@@ -328,9 +335,9 @@ class LiveSession:
         await self._transition(SessionStatus.RECONNECTING, reason)
         self._grace = asyncio.create_task(self._grace_window(), name=f"session:{self.id}:grace")
 
-    async def _grace_window(self) -> None:
+    async def _grace_window(self, reason: str = "grace_expired") -> None:
         await asyncio.sleep(self._settings.reconnect_grace_s)
-        self._end_reason = "grace_expired"
+        self._end_reason = reason
         self._end_requested.set()
 
     async def _stop_peer_tasks(self) -> None:

@@ -5,13 +5,16 @@ from __future__ import annotations
 import asyncio
 from collections.abc import Awaitable, Callable
 
+import pytest
 from sqlalchemy import select
 
+from relay.browser.peer import BrowserPeer
+from relay.errors import CapacityError
 from relay.keys import DATABASE, METRICS, REGISTRY
 from storage.models import AudioGap, AudioRecording, TranscriptSegment
-from tests.api import ENDED_OR_LATER
+from tests.api import ENDED_OR_LATER, signup
 from tests.fakes.rtc_client import speech_like
-from tests.live.conftest import Call, Relay, reconnect, start_call
+from tests.live.conftest import Call, Relay, offer, reconnect, start_call
 
 SILENCE = bytes(int(1.2 * 48000) * 2)
 
@@ -131,6 +134,33 @@ async def test_grace_expiry_ends_the_session(
     metrics = relay.client.app[METRICS].render().decode()
     assert 'parley_session_outcomes_total{reason="grace_expired"} 1.0' in metrics
     assert relay.client.app[REGISTRY].get(call.session_id) is None
+
+
+async def test_a_session_whose_first_leg_never_negotiates_ends_after_the_grace_window(
+    relay_factory: Callable[..., Awaitable[Relay]], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """An admitted offer whose negotiation fails (e.g. no media port left) and no working offer
+    after it: the session ends `failed` within the reconnect grace instead of holding its slot."""
+    relay = await relay_factory(PARLEY_RECONNECT_GRACE="1")
+
+    async def no_port(self: BrowserPeer, offer_sdp: str) -> str:
+        raise CapacityError("No media port could be opened on this node; try again shortly.")
+
+    monkeypatch.setattr(BrowserPeer, "negotiate", no_port)
+    learner = await signup(relay.client)
+    resp = await relay.client.post("/v1/sessions", json={"topic_id": "cafe-order"}, headers=learner.auth)
+    body = await resp.json()
+    session_id = body["session"]["id"]
+    refused = await offer(relay, session_id, body["client_secret"]["value"], relay.new_rtc())
+    assert refused.status == 503 and (await refused.json())["code"] == "capacity"
+    assert relay.client.app[REGISTRY].get(session_id) is not None  # admitted, waiting for a leg
+    async with asyncio.timeout(10):
+        while relay.client.app[REGISTRY].get(session_id) is not None:
+            await asyncio.sleep(0.1)
+    got = await (await relay.client.get(f"/v1/sessions/{session_id}", headers=learner.auth)).json()
+    assert got["status"] == "failed"
+    metrics = relay.client.app[METRICS].render().decode()
+    assert 'parley_session_outcomes_total{reason="no_peer"} 1.0' in metrics
 
 
 async def test_hang_up_then_reconnect(relay: Relay) -> None:
