@@ -11,7 +11,7 @@ from __future__ import annotations
 import asyncio
 import collections
 import time
-from collections.abc import AsyncGenerator
+from collections.abc import AsyncGenerator, Callable
 from dataclasses import dataclass
 from typing import Any
 
@@ -70,6 +70,7 @@ async def mic_chunks(
     chunk_ms: int = 20,
     max_backlog_ms: int = 1000,
     stats: MicStats | None = None,
+    on_chunk: Callable[[MicChunk], None] | None = None,
 ) -> AsyncGenerator[MicChunk, None]:
     """Yield the learner's audio from an aiortc audio track as :class:`MicChunk` objects.
 
@@ -84,13 +85,19 @@ async def mic_chunks(
     ``async with contextlib.aclosing(...)`` block) cancels and awaits that task; cancelling the
     consumer while it waits is safe. Use ``aclosing``: a generator abandoned without it keeps its
     reader task until it is garbage-collected.
+
+    ``on_chunk`` sees every chunk as the reader assembles it, before the backlog bound can drop it
+    and whether or not the consumer ever gets it: the recording's tap. On an overloaded loop the
+    reader drains a burst of frames at once and the consumer falls behind; the model may then miss
+    audio, the recording must not. It must not block.
     """
     stats = stats if stats is not None else MicStats()
     ready: collections.deque[MicChunk] = collections.deque()
     wake = asyncio.Event()
     max_backlog = max(1, max_backlog_ms // max(1, chunk_ms))
     reader = asyncio.create_task(
-        _read(track, clock_origin, chunk_ms, ready, wake, max_backlog, stats), name=f"mic:{track.id}"
+        _read(track, clock_origin, chunk_ms, ready, wake, max_backlog, stats, on_chunk),
+        name=f"mic:{track.id}",
     )
     try:
         while True:
@@ -117,6 +124,7 @@ async def _read(
     wake: asyncio.Event,
     max_backlog: int,
     stats: MicStats,
+    on_chunk: Callable[[MicChunk], None] | None,
 ) -> None:
     try:
         assembler = _Assembler(clock_origin, chunk_ms, stats)
@@ -126,6 +134,8 @@ async def _read(
             except MediaStreamError:
                 break
             for chunk in assembler.push(frame):
+                if on_chunk is not None:
+                    on_chunk(chunk)
                 if len(ready) >= max_backlog:
                     ready.popleft()
                     stats.dropped_chunks += 1
@@ -133,6 +143,8 @@ async def _read(
                 wake.set()
         last = assembler.flush()
         if last is not None:
+            if on_chunk is not None:
+                on_chunk(last)
             ready.append(last)
     finally:
         wake.set()

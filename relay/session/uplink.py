@@ -1,7 +1,9 @@
 """Browser mic -> model: learner audio goes upstream and to the recorder as it arrives.
 
 The recorder gets the browser's Opus packets as they were received (decoding happens once, for
-the model); PCM only when a decoder did not pass its packets on.
+the model); PCM only when a decoder did not pass its packets on. It is fed by the mic's reader
+itself, so a loop too busy for the model's share (chunks dropped past the backlog bound) still
+records every chunk.
 
 Nothing here awaits the network: ``ModelLink.push_audio`` only enqueues. The upstream's audio
 clock (the ``audio_start_ms``/``audio_end_ms`` of VAD events) counts only the audio the current
@@ -63,24 +65,23 @@ async def run_uplink(
     clock: UpstreamClock,
     stats: MicStats | None = None,
 ) -> None:
-    """Forward every learner chunk upstream and to the recorder until the track ends."""
-    chunks = mic_chunks(track, clock_origin=clock_origin, stats=stats)
+    """Record every learner chunk as the mic reader assembles it, and forward those the model
+    keeps up with upstream, until the track ends."""
+
+    def record(chunk: MicChunk) -> None:
+        if chunk.packets:  # the browser's own packets: stored as received, nothing to encode
+            for at_ms, packet in chunk.packets:
+                recorder.learner_opus(packet, at_ms=at_ms)
+        elif chunk.pcm:
+            recorder.learner_audio(chunk.pcm, sample_rate=MIC_RATE, at_ms=chunk.start_ms)
+
+    chunks = mic_chunks(track, clock_origin=clock_origin, stats=stats, on_chunk=record)
     async with contextlib.aclosing(chunks):
         async for chunk in chunks:
-            _forward(chunk, link, recorder, clock)
+            _forward(chunk, link, clock)
 
 
-def _forward(
-    chunk: MicChunk,
-    link: ModelLink,
-    recorder: SessionRecorder,
-    clock: UpstreamClock,
-) -> None:
-    if chunk.packets:  # the browser's own packets: stored as received, nothing to encode
-        for at_ms, packet in chunk.packets:
-            recorder.learner_opus(packet, at_ms=at_ms)
-    elif chunk.pcm:
-        recorder.learner_audio(chunk.pcm, sample_rate=MIC_RATE, at_ms=chunk.start_ms)
+def _forward(chunk: MicChunk, link: ModelLink, clock: UpstreamClock) -> None:
     if not chunk.pcm:
         return
     if link.connected:

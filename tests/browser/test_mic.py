@@ -169,6 +169,23 @@ async def test_slow_consumer_backlog_is_bounded_and_counted() -> None:
     assert [c.start_ms for c in rest] == [500 + 20 * k for k in range(40, 50)]  # the newest audio survived
 
 
+async def test_the_recording_tap_sees_every_chunk_even_those_the_slow_consumer_lost() -> None:
+    """on_chunk gets all chunks as the reader assembles them, also the ones dropped past the
+    backlog bound and the last one flushed when the track ends: the recording never misses audio."""
+    stats = MicStats()
+    tapped: list[MicChunk] = []
+    track = FakeTrack(frames_of(tone(1.0)))
+    async with contextlib.aclosing(
+        mic_chunks(track, clock_origin=ORIGIN, max_backlog_ms=200, stats=stats, on_chunk=tapped.append)
+    ) as chunks:
+        await anext(chunks)
+        await asyncio.sleep(0.05)  # the consumer stalls while all 50 frames are read
+        consumed = 1 + len([c async for c in chunks])
+    assert stats.dropped_chunks > 0 and consumed < 50
+    assert len(tapped) == 50
+    assert [c.start_ms for c in tapped] == [500 + 20 * k for k in range(50)]
+
+
 async def test_generator_ends_when_the_track_ends() -> None:
     """MediaStreamError from the track ends the iteration cleanly, last partial chunk included."""
     chunks = await collect(FakeTrack(frames_of(tone(0.1))), chunk_ms=60)
