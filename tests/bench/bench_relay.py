@@ -40,7 +40,7 @@ import aiohttp
 import pytest
 
 from relay.browser.ice import restore_host_addresses, restrict_host_addresses
-from tests.bench.relay_peers import BenchPeer, Voice, encode_voice
+from tests.bench.relay_peers import BenchPeer, Voice, connect_to_relay, encode_voice
 from tests.bench.relay_stats import (
     Histogram,
     Pacing,
@@ -295,36 +295,11 @@ async def _relay_point(n: int, ctx: Context) -> Point:
                     await asyncio.sleep(0.1)
             if ctx.token is None:
                 ctx.token = await _signup(http)
-            auth = {"Authorization": f"Bearer {ctx.token}"}
 
             async def connect(i: int, peer: BenchPeer) -> None:
-                async with http.post("/v1/sessions", json={"topic_id": TOPIC}, headers=auth) as resp:
-                    assert resp.status == 201, await resp.text()
-                    body = await resp.json()
-                sdp = await peer.offer()
-                for _ in range(20):
-                    async with http.post(
-                        f"/v1/sessions/{body['session']['id']}/webrtc",
-                        data=sdp,
-                        headers={
-                            "Authorization": f"Bearer {body['client_secret']['value']}",
-                            "Content-Type": "application/sdp",
-                        },
-                    ) as resp:
-                        if resp.status == 503:
-                            point.refusals += 1
-                            await asyncio.sleep(float(resp.headers.get("Retry-After", "1")))
-                            continue
-                        assert resp.status == 201, await resp.text()
-                        answer = await resp.text()
-                        break
-                else:
-                    raise AssertionError("the relay kept refusing the session")
-                await peer.accept(answer)
-                async with asyncio.timeout(30):
-                    await peer.connected()
-                    await peer.events_open.wait()
-                    await peer.live.wait()
+                assert ctx.token is not None
+                _, refusals = await connect_to_relay(http, peer, token=ctx.token, topic=TOPIC)
+                point.refusals += refusals
 
             async def scrape() -> str:
                 async with http.get("/metrics") as resp:

@@ -1,4 +1,5 @@
-"""Lean aiortc client peers for ``bench_relay.py``: pre-encoded speech out, RTP arrival stamps in.
+"""Lean aiortc client peers for ``bench_relay.py`` and ``bench_load.py``: pre-encoded speech out, RTP
+arrival stamps in.
 
 A :class:`BenchPeer` offers one ``sendrecv`` audio section and a data channel, like the web client
 (and :class:`tests.fakes.rtc_client.RtcClient`), but it is built to keep the client process cheap
@@ -12,6 +13,9 @@ and its measurements close to the wire:
   decoding in the client, so an arrival stamp is taken as soon as aiortc has parsed the packet.
 * Loss: :attr:`BenchPeer.loss` drops that fraction of outgoing RTP packets at random, never two in
   a row (single losses), below SRTP so sequence numbers still advance as on a network.
+* Learners (``bench_load.py``): :meth:`BenchPeer.learn` converses like :meth:`BenchPeer.converse` and
+  sometimes barges in; :func:`connect_to_relay` and :func:`hang_up` open and end a relay session the
+  way the web client does (``POST /v1/sessions``, the SDP offer, ``POST /v1/sessions/{id}/end``).
 """
 
 from __future__ import annotations
@@ -27,6 +31,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
+import aiohttp
 import av
 from aiortc import RTCConfiguration, RTCDataChannel, RTCPeerConnection, RTCSessionDescription
 from aiortc.mediastreams import MediaStreamError, MediaStreamTrack
@@ -87,6 +92,7 @@ class PacketSource(MediaStreamTrack):
         self._onset_pending = False
         self._t0: float | None = None
         self._n = 0
+        self._stopped = False
         self.late_sends = 0  # recv() returned more than 5 ms after its slot (client loop overloaded)
         self.onsets: list[tuple[float, int]] = []  # (monotonic, pts) of each burst's first packet
 
@@ -101,8 +107,12 @@ class PacketSource(MediaStreamTrack):
     def busy(self) -> bool:
         return bool(self._pending)
 
+    def mute(self) -> None:
+        """Stop the microphone for good: the next ``recv()`` ends the track, so aiortc stops sending."""
+        self._stopped = True
+
     async def recv(self) -> Any:
-        if self.readyState != "live":
+        if self.readyState != "live" or self._stopped:
             raise MediaStreamError
         now = time.monotonic()
         if self._t0 is None:
@@ -136,6 +146,7 @@ class PeerRecord:
     dropped_rtp: int = 0
     answer_timeouts: int = 0
     turns: int = 0
+    barge_ins: int = 0  # learn(): bursts started while the coach was still speaking
 
 
 class BenchPeer:
@@ -175,14 +186,16 @@ class BenchPeer:
         record = self.record
 
         async def lossy_send_rtp(data: bytes) -> None:
-            if not is_rtcp(data):
+            rtp = not is_rtcp(data)
+            if rtp:
                 if self.loss and not self._last_dropped and self._rng.random() < self.loss:
                     self._last_dropped = True
                     record.dropped_rtp += 1
                     return
                 self._last_dropped = False
-                record.sent_rtp += 1
             await send_rtp(data)
+            if rtp:
+                record.sent_rtp += 1  # counted once the transport took it
 
         transport._send_rtp = lossy_send_rtp
 
@@ -255,6 +268,27 @@ class BenchPeer:
                 self.record.answer_timeouts += 1
             await asyncio.sleep(self._rng.uniform(0.3, 0.8))
 
+    async def learn(self, stop_at: float, *, initial_delay: float, barge_in: float) -> None:
+        """A learner: like :meth:`converse`, but in a ``barge_in`` share of the turns (seeded) it speaks
+        again 0.5-2.0 s into the coach's answer, while the coach is still talking."""
+        await asyncio.sleep(initial_delay)
+        while time.monotonic() < stop_at:
+            started = self.coach_items_started
+            self.source.speak(self._rng.randint(50, SPEECH_PACKETS_MAX))
+            self.record.turns += 1
+            if not await self._wait_for(functools.partial(self._started_since, started), 10.0):
+                self.record.answer_timeouts += 1
+                await asyncio.sleep(self._rng.uniform(0.3, 0.8))
+                continue
+            if self._rng.random() < barge_in:
+                await asyncio.sleep(self._rng.uniform(0.5, 2.0))
+                if self.coach_items_done < self.coach_items_started:  # the coach is still talking
+                    self.record.barge_ins += 1
+                    continue
+            if not await self._wait_for(lambda: self.coach_items_done >= self.coach_items_started, 20.0):
+                self.record.answer_timeouts += 1
+            await asyncio.sleep(self._rng.uniform(0.3, 0.8))
+
     async def chatter(self, stop_at: float, *, initial_delay: float) -> None:
         """Echo mode: speak a 1.0-1.5 s burst, let 1.5 s of silence follow, pause, repeat."""
         await asyncio.sleep(initial_delay)
@@ -266,3 +300,60 @@ class BenchPeer:
 
     async def aclose(self) -> None:
         await self.pc.close()
+
+
+async def connect_to_relay(
+    http: aiohttp.ClientSession, peer: BenchPeer, *, token: str, topic: str, attempts: int = 20
+) -> tuple[str, int]:
+    """Create a session on the relay behind ``http``, connect ``peer`` to it and wait until it is live.
+
+    Returns the session id and how many offers admission control refused (503, retried after its
+    ``Retry-After``; a refused offer does not spend the client secret). Response bodies are never
+    printed: they hold client secrets and SDP.
+    """
+    auth = {"Authorization": f"Bearer {token}"}
+    async with http.post("/v1/sessions", json={"topic_id": topic}, headers=auth) as resp:
+        assert resp.status == 201, f"POST /v1/sessions: HTTP {resp.status}"
+        body = await resp.json()
+    session_id: str = body["session"]["id"]
+    headers = {"Authorization": f"Bearer {body['client_secret']['value']}", "Content-Type": "application/sdp"}
+    sdp = await peer.offer()
+    refusals = 0
+    for _ in range(attempts):
+        async with http.post(f"/v1/sessions/{session_id}/webrtc", data=sdp, headers=headers) as resp:
+            if resp.status == 503:
+                refusals += 1
+                await asyncio.sleep(float(resp.headers.get("Retry-After", "1")))
+                continue
+            assert resp.status == 201, f"POST /v1/sessions/{{id}}/webrtc: HTTP {resp.status}"
+            answer = await resp.text()
+            break
+    else:
+        raise AssertionError("the relay kept refusing the session")
+    await peer.accept(answer)
+    async with asyncio.timeout(30):
+        await peer.connected()
+        await peer.events_open.wait()
+        await peer.live.wait()
+    return session_id, refusals
+
+
+async def hang_up(
+    http: aiohttp.ClientSession, peer: BenchPeer, session_id: str, *, token: str, quiet_s: float = 0.5
+) -> int:
+    """End a learner's session: mute the microphone, let the last packets land for ``quiet_s``, then
+    ``POST /v1/sessions/{id}/end`` (it returns once the recording is finalized) and close the peer.
+
+    Returns the learner audio the peer sent, in ms (RTP packets handed to the transport x 20 ms).
+    """
+    peer.source.mute()
+    await asyncio.sleep(quiet_s)
+    sent_ms = peer.record.sent_rtp * round(FRAME_S * 1000)
+    try:
+        async with http.post(
+            f"/v1/sessions/{session_id}/end", headers={"Authorization": f"Bearer {token}"}
+        ) as resp:
+            assert resp.status == 200, f"POST /v1/sessions/{{id}}/end: HTTP {resp.status}"
+    finally:
+        await peer.aclose()
+    return sent_ms

@@ -2,8 +2,10 @@
 
 ``python -m tests.bench.relay_probe CORE DUMP_FILE`` pins itself to CPU ``CORE``, installs the
 probes below and then runs exactly what ``parley serve --workers 1`` runs (``relay.cli.main``,
-configured by the environment). No relay code is edited; the probes wrap a few functions in this
-process only, each costing one ``time.monotonic()`` and one list append per call:
+configured by the environment). ``DUMP_FILE`` ``-`` pins and serves without any probe
+(``bench_load.py``: the probes' records grow with the traffic and would show up in the RSS it
+measures). No relay code is edited; the probes wrap a few functions in this process only, each
+costing one ``time.monotonic()`` and one list append per call:
 
 * ``RTCDtlsTransport._send_rtp``: ``(send time, RTP timestamp)`` of every outgoing RTP packet, per
   transport: the "wire" pacing of AIORTC.md A.1, measured where the packet leaves aiortc.
@@ -135,9 +137,10 @@ def _install_relay_probes() -> Callable[[], dict[str, Any]]:
 
 
 def main() -> None:
-    core, dump_file = int(sys.argv[1]), Path(sys.argv[2])
+    core, dump_arg = int(sys.argv[1]), sys.argv[2]
     pin(core)
-    install_dump_handler(dump_file, _install_relay_probes())
+    if dump_arg != "-":  # "-": no probes (their records grow with traffic; bench_load measures RSS)
+        install_dump_handler(Path(dump_arg), _install_relay_probes())
     from relay.cli import main as parley_main
 
     sys.exit(parley_main(["serve", "--workers", "1"]))  # one process: the probes live in it

@@ -1,4 +1,5 @@
-"""Arithmetic for ``bench_relay.py``: percentiles, /proc CPU, Prometheus histograms, RTP pacing."""
+"""Arithmetic for ``bench_relay.py`` and ``bench_load.py``: percentiles, /proc CPU and RSS, Prometheus
+histograms and gauges, RTP pacing, least-squares slopes."""
 
 from __future__ import annotations
 
@@ -52,6 +53,41 @@ def thread_cpu_s(pid: int) -> dict[int, float]:
         with contextlib.suppress(FileNotFoundError, ProcessLookupError):
             out[int(task.name)] = process_cpu_s(pid, int(task.name))
     return out
+
+
+def rss_mb(pid: int) -> float:
+    """Resident set size of a process (``VmRSS`` in ``/proc/<pid>/status``), in MiB."""
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith("VmRSS:"):
+            return int(line.split()[1]) / 1024
+    raise ValueError(f"no VmRSS for process {pid}")
+
+
+def udp_receive_errors() -> int:
+    """UDP datagrams the kernel dropped on receive (``RcvbufErrors``, IPv4 and IPv6), since boot."""
+    total = 0
+    snmp = Path("/proc/net/snmp").read_text().splitlines()
+    for header, values in zip(snmp, snmp[1:], strict=False):
+        if header.startswith("Udp:") and values.startswith("Udp:"):
+            fields = dict(zip(header.split()[1:], values.split()[1:], strict=True))
+            total += int(fields.get("RcvbufErrors", 0))
+    with contextlib.suppress(FileNotFoundError):
+        for line in Path("/proc/net/snmp6").read_text().splitlines():
+            if line.startswith("Udp6RcvbufErrors"):
+                total += int(line.split()[1])
+    return total
+
+
+def slope(points: Sequence[tuple[float, float]]) -> float:
+    """Least-squares slope of ``(x, y)`` points (NaN for fewer than two distinct x)."""
+    if len(points) < 2:
+        return math.nan
+    mx = statistics.fmean(x for x, _ in points)
+    my = statistics.fmean(y for _, y in points)
+    sxx = sum((x - mx) ** 2 for x, _ in points)
+    if not sxx:
+        return math.nan
+    return sum((x - mx) * (y - my) for x, y in points) / sxx
 
 
 def core_busy_s(core: int) -> float:
@@ -126,6 +162,19 @@ def parse_histogram(text: str, name: str) -> Histogram:
     return Histogram(buckets, total, count)
 
 
+def parse_value(text: str, name: str) -> float:
+    """Sample ``name`` (a gauge or counter) from a Prometheus text exposition, summed over its labels
+    (NaN when absent)."""
+    found = False
+    total = 0.0
+    for line in text.splitlines():
+        match = _SAMPLE.match(line)
+        if match and match.group(1) == name:
+            found = True
+            total += float(match.group(3))
+    return total if found else math.nan
+
+
 def parse_counter(text: str, name: str, label: str) -> float:
     """The value of counter ``name`` with a label value ``label`` (0 when absent)."""
     for line in text.splitlines():
@@ -191,6 +240,23 @@ def first_at_least(
             return arrivals[i][0]
         i += 1
     return None
+
+
+def coach_onsets(
+    arrivals: Sequence[tuple[float, int, int, int]],
+    events: Iterable[tuple[float, str, str]],
+    start: float,
+    end: float,
+    size: int,
+) -> list[tuple[str, float | None]]:
+    """For each ``coach.speaking`` event in ``[start, end)``: its item id and the arrival of the
+    answer's first RTP packet of at least ``size`` bytes within -0.2 s / +0.3 s of it (None: none)."""
+    times = [a[0] for a in arrivals]
+    return [
+        (item_id, first_at_least(arrivals, times, t - 0.2, t + 0.3, size))
+        for t, kind, item_id in events
+        if kind == "coach.speaking" and start <= t < end
+    ]
 
 
 def fmt(value: float, digits: int = 1) -> str:
