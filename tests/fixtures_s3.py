@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import http.client
 import os
+import random
 import secrets
 import socket
 import subprocess
@@ -43,6 +44,27 @@ def free_loopback_port() -> int:
         sock.bind(("127.0.0.1", 0))
         port: int = sock.getsockname()[1]
         return port
+
+
+def free_udp_range(size: int) -> tuple[int, int]:
+    """``size`` consecutive UDP ports on 127.0.0.1 that were all free a moment ago (low, high)."""
+    rng = random.Random()
+    for _ in range(200):
+        # Below the kernel's ephemeral range (32768+), so no other socket grabs a port meanwhile.
+        low = rng.randrange(20000, 32000 - size)
+        socks: list[socket.socket] = []
+        try:
+            for port in range(low, low + size):
+                s = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+                socks.append(s)
+                s.bind(("127.0.0.1", port))
+        except OSError:
+            continue
+        finally:
+            for s in socks:
+                s.close()
+        return low, low + size - 1
+    raise AssertionError("no free port range found")
 
 
 def with_bucket(url: str, bucket: str) -> str:

@@ -29,7 +29,14 @@ from storage import nodes
 from storage.db import Database
 from storage.nodes import Owner
 
-__all__ = ["FORWARDED_HEADER", "NODE_HEADER", "ForwardedStream", "OwnerRouter", "answer_headers"]
+__all__ = [
+    "FORWARDED_HEADER",
+    "NODE_HEADER",
+    "ForwardedStream",
+    "OwnerRouter",
+    "answer_headers",
+    "owner_unreachable",
+]
 
 log = logging.getLogger("relay.cluster.routing")
 
@@ -61,6 +68,19 @@ class ForwardedStream(Protocol):
 def answer_headers(headers: Iterable[tuple[str, str]]) -> CIMultiDict[str]:
     """An owner's answer headers worth passing on: connection-level ones describe the hop between nodes."""
     return CIMultiDict((k, v) for k, v in headers if k.lower() not in _HOP_BY_HOP)
+
+
+def owner_unreachable(
+    exc: BaseException, owner: Owner, session_id: str | None, *, event: str
+) -> DependencyError:
+    """Log that ``owner`` gave no answer (expected: it died or is restarting) and the 503
+    ``node_unreachable`` for the caller, who may retry: by then it answers or counts as dead."""
+    log_failure(
+        log, event, exc, expected=(type(exc),), extra={"session_id": session_id, "node_id": owner.node_id}
+    )
+    return DependencyError(
+        "The node holding this session did not answer; try again shortly.", code="node_unreachable"
+    )
 
 
 class OwnerRouter:
@@ -152,13 +172,7 @@ class OwnerRouter:
                 status = resp.status
                 answer = answer_headers(resp.headers.items())
         except _UNREACHABLE as exc:
-            log_failure(
-                log, "cluster.forward_failed", exc, expected=_UNREACHABLE,
-                extra={"session_id": session_id, "node_id": owner.node_id},
-            )  # fmt: skip
-            raise DependencyError(
-                "The node holding this session did not answer; try again shortly.", code="node_unreachable"
-            ) from None
+            raise owner_unreachable(exc, owner, session_id, event="cluster.forward_failed") from None
         log.info(
             "cluster.forwarded",
             extra={"session_id": session_id, "node_id": owner.node_id, "method": method,

@@ -40,8 +40,7 @@ from websockets.exceptions import ConnectionClosed, InvalidHandshake, InvalidSta
 from websockets.frames import Close
 from websockets.typing import Subprotocol
 
-from relay.cluster.routing import NODE_HEADER, OwnerRouter, answer_headers
-from relay.errors import DependencyError
+from relay.cluster.routing import NODE_HEADER, OwnerRouter, answer_headers, owner_unreachable
 from relay.observability.logging import ContextLogger, log_failure
 from storage.nodes import Owner
 
@@ -95,13 +94,7 @@ async def forward_feed(
             headers=answer_headers(answer.headers.raw_items()),
         )
     except _UNREACHABLE as exc:
-        log_failure(
-            log, "events.forward_failed", exc, expected=_UNREACHABLE,
-            extra={"session_id": session_id, "node_id": owner.node_id},
-        )  # fmt: skip
-        raise DependencyError(
-            "The node holding this session did not answer; try again shortly.", code="node_unreachable"
-        ) from None
+        raise owner_unreachable(exc, owner, session_id, event="events.forward_failed") from None
 
     # The upgrade names the node that serves the feed, as a forwarded answer does.
     owner_node = upstream.response.headers.get(NODE_HEADER) if upstream.response else None

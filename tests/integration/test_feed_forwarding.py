@@ -30,6 +30,7 @@ from tests.integration.test_nodes import (  # noqa: F401 (db, two_nodes: fixture
     STALE_S,
     TOPIC,
     api_key,
+    create_session,
     db,
     node_id_of,
     realtime,
@@ -237,11 +238,7 @@ async def test_a_subscriber_on_b_before_the_call_is_handed_over_when_the_call_go
     try:
         async with aiohttp.ClientSession() as http:
             learner = await signup(http, a)
-            async with http.post(
-                f"{a.base_url}/v1/sessions", json={"topic_id": TOPIC}, headers=learner.auth
-            ) as resp:
-                assert resp.status == 201, await resp.text()
-                created = await resp.json()
+            created = await create_session(http, a, learner)
             session_id = created["session"]["id"]
             on_a = await http.ws_connect(feed_url(a, session_id), headers=learner.auth)
             on_b = await http.ws_connect(

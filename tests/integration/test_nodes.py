@@ -17,7 +17,7 @@ from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from datetime import timedelta
 from pathlib import Path
-from typing import Final
+from typing import Any, Final
 
 import aiohttp
 import pytest
@@ -246,14 +246,42 @@ async def test_deleting_the_account_on_another_node_deletes_the_sessions_its_own
             assert resp.status == 401  # the account is gone on every node
 
 
+async def create_session(
+    http: aiohttp.ClientSession, relay: RelayProcess, learner: Learner
+) -> dict[str, Any]:
+    """``POST /v1/sessions`` on ``relay``: the new session and its client secret."""
+    async with http.post(
+        f"{relay.base_url}/v1/sessions", json={"topic_id": TOPIC}, headers=learner.auth
+    ) as resp:
+        assert resp.status == 201, await resp.text()
+        created: dict[str, Any] = await resp.json()
+        return created
+
+
 async def send_offer(
-    http: aiohttp.ClientSession, relay: RelayProcess, session_id: str, secret: str, rtc: RtcClient
+    http: aiohttp.ClientSession,
+    relay: RelayProcess,
+    session_id: str,
+    secret: str,
+    rtc: RtcClient,
+    *,
+    retry_unreachable: bool = False,
 ) -> aiohttp.ClientResponse:
-    resp = await http.post(
-        f"{relay.base_url}/v1/sessions/{session_id}/webrtc",
-        data=await rtc.offer(),
-        headers={"Authorization": f"Bearer {secret}", "Content-Type": "application/sdp"},
-    )
+    """Offer ``rtc`` for the session and connect it; with ``retry_unreachable``, offer again while the
+    answer is 503 ``node_unreachable`` (a freshly dead owner still counts as alive until its
+    heartbeat is stale), as the web client does."""
+    sdp = await rtc.offer()
+    async with asyncio.timeout(20):
+        while True:
+            resp = await http.post(
+                f"{relay.base_url}/v1/sessions/{session_id}/webrtc",
+                data=sdp,
+                headers={"Authorization": f"Bearer {secret}", "Content-Type": "application/sdp"},
+            )
+            if not (retry_unreachable and resp.status == 503):
+                break
+            assert (await resp.json())["code"] == "node_unreachable"
+            await asyncio.sleep(0.3)
     assert resp.status == 201, await resp.text()
     await rtc.accept(await resp.text())
     async with asyncio.timeout(20):
@@ -272,11 +300,7 @@ async def test_a_webrtc_reconnect_and_hang_up_sent_to_another_node_reach_the_own
         async with aiohttp.ClientSession() as http:
             a_id = await node_id_of(http, a)
             learner = await signup(http, a)
-            async with http.post(
-                f"{a.base_url}/v1/sessions", json={"topic_id": TOPIC}, headers=learner.auth
-            ) as resp:
-                assert resp.status == 201, await resp.text()
-                created = await resp.json()
+            created = await create_session(http, a, learner)
             session_id = created["session"]["id"]
             await send_offer(http, a, session_id, created["client_secret"]["value"], first)
             await wait_status(db, session_id, ("live",))
@@ -337,30 +361,6 @@ async def test_a_killed_node_goes_stale_and_a_sibling_recovers_its_sessions(
         assert duration > 0 and chunks > 0, tracks
 
 
-async def offer_until_answered(
-    http: aiohttp.ClientSession, relay: RelayProcess, session_id: str, secret: str, rtc: RtcClient
-) -> aiohttp.ClientResponse:
-    """Send one offer, again while the answer is 503 ``node_unreachable`` (a freshly dead owner
-    still counts as alive until its heartbeat is stale), as the web client does."""
-    sdp = await rtc.offer()
-    async with asyncio.timeout(20):
-        while True:
-            resp = await http.post(
-                f"{relay.base_url}/v1/sessions/{session_id}/webrtc",
-                data=sdp,
-                headers={"Authorization": f"Bearer {secret}", "Content-Type": "application/sdp"},
-            )
-            if resp.status != 503:
-                break
-            assert (await resp.json())["code"] == "node_unreachable"
-            await asyncio.sleep(0.3)
-    assert resp.status == 201, await resp.text()
-    await rtc.accept(await resp.text())
-    async with asyncio.timeout(20):
-        await rtc.connected()
-    return resp
-
-
 async def test_a_reconnect_after_the_owner_died_continues_in_a_new_session_on_another_node(
     two_nodes: list[RelayProcess], db: Database, loopback_ice: None
 ) -> None:
@@ -373,11 +373,7 @@ async def test_a_reconnect_after_the_owner_died_continues_in_a_new_session_on_an
         async with aiohttp.ClientSession() as http:
             b_id = await node_id_of(http, b)
             learner = await signup(http, a)
-            async with http.post(
-                f"{a.base_url}/v1/sessions", json={"topic_id": TOPIC}, headers=learner.auth
-            ) as resp:
-                assert resp.status == 201, await resp.text()
-                created = await resp.json()
+            created = await create_session(http, a, learner)
             old_id = created["session"]["id"]
             await send_offer(http, a, old_id, created["client_secret"]["value"], first)
             await wait_status(db, old_id, ("live",))
@@ -390,7 +386,7 @@ async def test_a_reconnect_after_the_owner_died_continues_in_a_new_session_on_an
             ) as resp:
                 assert resp.status == 201, await resp.text()
                 secret = (await resp.json())["value"]
-            answer = await offer_until_answered(http, b, old_id, secret, second)
+            answer = await send_offer(http, b, old_id, secret, second, retry_unreachable=True)
             new_id = answer.headers[SESSION_HEADER]
             assert new_id != old_id
             assert answer.headers["Location"].startswith(f"/v1/sessions/{new_id}/webrtc/")

@@ -19,11 +19,11 @@ from prometheus_client.parser import text_string_to_metric_families
 
 from relay.cluster.routing import NODE_HEADER
 from relay.observability.fanin import FAILURE_REASONS, LOCAL_SCOPE, SCOPE_PARAM, WORKER_HEADER
-from storage import migrate, nodes
+from storage import nodes
 from storage.db import Database
 from tests.fakes.relay_process import RelayProcess, relay_env
 from tests.fixtures_s3 import free_loopback_port
-from tests.services import fresh_postgres_database
+from tests.integration.test_nodes import db  # noqa: F401 (fixture)
 
 pytestmark = pytest.mark.integration
 
@@ -32,18 +32,6 @@ STALE_S: Final = 3 * HEARTBEAT_S  # relay/cluster/presence.py STALE_BEATS
 # What only the test asks for, of one child on its loopback URL: a path no route matches.
 UNMATCHED: Final = {"route": "unmatched", "method": "GET", "status": "404"}
 Series = dict[tuple[str, frozenset[tuple[str, str]]], float]
-
-
-@pytest.fixture
-async def db() -> AsyncIterator[Database]:
-    """A fresh, migrated PostgreSQL database."""
-    async with fresh_postgres_database() as url:
-        database = Database(url)
-        await migrate.upgrade(database)
-        try:
-            yield database
-        finally:
-            await database.aclose()
 
 
 @pytest.fixture

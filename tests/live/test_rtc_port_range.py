@@ -7,8 +7,6 @@ in-process relay would share its loop (and so its port range) with the test's ai
 from __future__ import annotations
 
 import asyncio
-import random
-import socket
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -22,6 +20,7 @@ from storage.db import Database
 from tests.api import Learner, signup
 from tests.fakes.relay_process import RelayProcess, relay_env
 from tests.fakes.rtc_client import RtcClient, loopback_ice, rms, speech_like  # noqa: F401 (fixture)
+from tests.fixtures_s3 import free_loopback_port, free_udp_range
 from tests.live.conftest import TIMEOUT_S, Call
 
 pytestmark = pytest.mark.integration
@@ -30,33 +29,6 @@ RANGE_SIZE = 3
 SILENCE = bytes(int(1.2 * 48000) * 2)  # longer than the topic's end-of-turn silence
 EXHAUSTED = "parley_rtc_port_exhausted_total"
 HALF_SECOND_BYTES = 48000  # 0.5 s of 48 kHz s16 mono (stereo decodes count twice: still enough)
-
-
-def free_port_range(size: int) -> tuple[int, int]:
-    """``size`` consecutive UDP ports on 127.0.0.1, free a moment ago, below the ephemeral range."""
-    rng = random.Random()
-    for _ in range(200):
-        low = rng.randrange(20000, 32000 - size)
-        socks: list[socket.socket] = []
-        try:
-            for port in range(low, low + size):
-                s = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
-                socks.append(s)
-                s.bind(("127.0.0.1", port))
-        except OSError:
-            continue
-        finally:
-            for s in socks:
-                s.close()
-        return low, low + size - 1
-    raise AssertionError("no free port range found")
-
-
-def free_tcp_port() -> int:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
-        sock.bind(("127.0.0.1", 0))
-        port: int = sock.getsockname()[1]
-        return port
 
 
 def host_ports(sdp: str) -> list[int]:
@@ -123,7 +95,7 @@ async def ranged_relay(tmp_path: Path, loopback_ice: None) -> AsyncIterator[Rang
     """``parley serve`` on SQLite with a simulator upstream and PARLEY_RTC_PORT_RANGE of 3 ports."""
     sim = SimulatorServer(SimulatorOptions(strict=True, first_audio_ms=150, realtime_pacing=False))
     await sim.start()
-    ports = free_port_range(RANGE_SIZE)
+    ports = free_udp_range(RANGE_SIZE)
     data = tmp_path / "data"
     db = Database(f"sqlite+aiosqlite:///{data / 'parley.db'}")
     data.mkdir()
@@ -131,7 +103,7 @@ async def ranged_relay(tmp_path: Path, loopback_ice: None) -> AsyncIterator[Rang
     await db.aclose()
     env = relay_env(
         PARLEY_DATA_DIR=str(data),
-        PARLEY_PORT=str(free_tcp_port()),
+        PARLEY_PORT=str(free_loopback_port()),
         PARLEY_SECRET_KEY="k" * 48,
         PARLEY_UPSTREAM_URL=sim.ws_base_url,
         PARLEY_RTC_HOST_ADDRESSES="127.0.0.1",

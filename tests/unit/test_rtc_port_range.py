@@ -23,6 +23,7 @@ from relay.browser.ports import (
 from relay.config import ConfigError, Settings
 from relay.errors import CapacityError
 from tests.fakes.rtc_client import loopback_ice  # noqa: F401 (fixture)
+from tests.fixtures_s3 import free_udp_range
 
 HOST = "127.0.0.1"
 
@@ -36,27 +37,6 @@ class FixedStart(random.Random):
 
     def randrange(self, *args: object, **kwargs: object) -> int:  # type: ignore[override]
         return self.start
-
-
-def free_range(size: int) -> tuple[int, int]:
-    """``size`` consecutive UDP ports on 127.0.0.1 that were all free a moment ago."""
-    rng = random.Random()
-    for _ in range(200):
-        # Below the kernel's ephemeral range (32768+), so no other socket grabs a port meanwhile.
-        low = rng.randrange(20000, 32000 - size)
-        socks: list[socket.socket] = []
-        try:
-            for port in range(low, low + size):
-                s = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
-                socks.append(s)
-                s.bind((HOST, port))
-        except OSError:
-            continue
-        finally:
-            for s in socks:
-                s.close()
-        return low, low + size - 1
-    raise AssertionError("no free port range found")
 
 
 @pytest.fixture
@@ -137,7 +117,7 @@ def test_out_of_bounds_port_range_is_a_startup_error(tmp_path: Path, value: str)
 
 async def test_port_zero_binds_get_distinct_ports_inside_the_range(loop: asyncio.AbstractEventLoop) -> None:
     """Every bind to (address, 0) gets a different port of the range until the range is full."""
-    low, high = free_range(5)
+    low, high = free_udp_range(5)
     install_port_range(loop, (low, high))
     assert installed_port_range(loop) == (low, high)
     transports = [await bind0(loop) for _ in range(5)]
@@ -151,7 +131,7 @@ async def test_port_zero_binds_get_distinct_ports_inside_the_range(loop: asyncio
 
 async def test_busy_ports_are_skipped(loop: asyncio.AbstractEventLoop, occupied: list[socket.socket]) -> None:
     """A port another socket holds (EADDRINUSE) is skipped; the next one of the range is taken."""
-    low, high = free_range(4)
+    low, high = free_udp_range(4)
     occupy(occupied, low)
     occupy(occupied, low + 1)
     install_port_range(loop, (low, high), rng=FixedStart(0))
@@ -166,7 +146,7 @@ async def test_probing_wraps_around_from_the_random_start(
     loop: asyncio.AbstractEventLoop, occupied: list[socket.socket]
 ) -> None:
     """Starting near the top of a range whose top is busy, the search wraps to the bottom."""
-    low, high = free_range(4)
+    low, high = free_udp_range(4)
     occupy(occupied, high)
     install_port_range(loop, (low, high), rng=FixedStart(3))
     transport = await bind0(loop)
@@ -180,7 +160,7 @@ async def test_exhausted_range_raises_eaddrinuse_and_reports_once(
     loop: asyncio.AbstractEventLoop, occupied: list[socket.socket]
 ) -> None:
     """With every port taken the bind raises OSError(EADDRINUSE) naming the range, and on_exhausted fires."""
-    low, high = free_range(3)
+    low, high = free_udp_range(3)
     for port in range(low, high + 1):
         occupy(occupied, port)
     exhausted: list[None] = []
@@ -195,7 +175,7 @@ async def test_exhausted_range_raises_eaddrinuse_and_reports_once(
 
 async def test_ports_come_back_when_sockets_close(loop: asyncio.AbstractEventLoop) -> None:
     """A closed transport's port is free again at once (UDP has no TIME_WAIT)."""
-    low, high = free_range(1)
+    low, high = free_udp_range(1)
     install_port_range(loop, (low, high))
     first = await bind0(loop)
     with pytest.raises(PortRangeExhausted):
@@ -211,7 +191,7 @@ async def test_ports_come_back_when_sockets_close(loop: asyncio.AbstractEventLoo
 
 async def test_other_errors_are_not_retried(loop: asyncio.AbstractEventLoop) -> None:
     """A bind error other than EADDRINUSE (an address not on this host) is raised at once, not counted."""
-    low, high = free_range(50)
+    low, high = free_udp_range(50)
     exhausted: list[None] = []
     install_port_range(loop, (low, high), on_exhausted=lambda: exhausted.append(None))
     with pytest.raises(OSError) as caught:
@@ -222,8 +202,8 @@ async def test_other_errors_are_not_retried(loop: asyncio.AbstractEventLoop) -> 
 
 async def test_explicit_port_sock_and_remote_only_binds_pass_through(loop: asyncio.AbstractEventLoop) -> None:
     """Binds to a chosen port, to a given socket, or with only remote_addr (TURN, STUN) are left alone."""
-    low, high = free_range(3)
-    outside_low, _ = free_range(1)
+    low, high = free_udp_range(3)
+    outside_low, _ = free_udp_range(1)
     install_port_range(loop, (low, high))
     explicit, _ = await loop.create_datagram_endpoint(
         asyncio.DatagramProtocol, local_addr=(HOST, outside_low)
@@ -244,7 +224,7 @@ async def test_explicit_port_sock_and_remote_only_binds_pass_through(loop: async
 
 async def test_random_start_spreads_first_picks_over_the_range(loop: asyncio.AbstractEventLoop) -> None:
     """Successive binds start probing at random offsets, so sessions do not all queue at the bottom."""
-    low, high = free_range(10)
+    low, high = free_udp_range(10)
     install_port_range(loop, (low, high), rng=random.Random(7))
     picks = []
     for _ in range(30):
@@ -259,7 +239,7 @@ async def test_random_start_spreads_first_picks_over_the_range(loop: asyncio.Abs
 async def test_install_is_idempotent_and_uninstall_restores_the_loop(loop: asyncio.AbstractEventLoop) -> None:
     """Installing twice keeps one wrapper (the second range wins); uninstall restores the loop's method."""
     original = loop.create_datagram_endpoint
-    first, second = free_range(2), free_range(2)
+    first, second = free_udp_range(2), free_udp_range(2)
     install_port_range(loop, first)
     install_port_range(loop, second)
     assert installed_port_range(loop) == second
@@ -302,7 +282,7 @@ async def test_offer_with_no_free_port_fails_with_capacity_error(
     loop: asyncio.AbstractEventLoop, loopback_ice: None, occupied: list[socket.socket]
 ) -> None:
     """Gathering that binds no candidate raises MediaPortsUnavailable (503 capacity), not an empty SDP."""
-    low, high = free_range(2)
+    low, high = free_udp_range(2)
     for port in range(low, high + 1):
         occupy(occupied, port)
     install_port_range(loop, (low, high))
@@ -321,7 +301,7 @@ async def test_offer_with_a_free_port_gathers_an_in_range_candidate(
     loop: asyncio.AbstractEventLoop, loopback_ice: None
 ) -> None:
     """With the guard installed a normal gathering is unchanged: one host candidate, on a range port."""
-    low, high = free_range(3)
+    low, high = free_udp_range(3)
     install_port_range(loop, (low, high))
     pc = RTCPeerConnection(RTCConfiguration(iceServers=[]))
     pc.addTransceiver("audio")
