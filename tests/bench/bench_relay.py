@@ -105,6 +105,7 @@ class Point:
     wire_pacing: Pacing | None = None
     speaker_late: list[float] = field(default_factory=list)
     speaker_totals: dict[str, float] = field(default_factory=dict)
+    slow_callbacks: list[tuple[float, str]] = field(default_factory=list)  # ms, what ran (> 5 ms)
     turns: int = 0
     answer_timeouts: int = 0
     unmatched: int = 0
@@ -422,6 +423,7 @@ def _analyse_relay(
     point.inbound_loss = [v * 1000 for v in in_window(dump["inbound"], run.t1, run.t2)]
     point.speaker_late = in_window(dump["lateness"], run.t0, run.t1)
     point.speaker_totals = dump["speaker_totals"]
+    point.slow_callbacks = [(ms, what) for t, ms, what in dump["slow_callbacks"] if run.t0 <= t < run.t2]
     m0, m1, m2 = metrics
     inbound = "parley_inbound_latency_seconds"
     point.metrics_inbound = parse_histogram(m1, inbound).minus(parse_histogram(m0, inbound))
@@ -571,6 +573,7 @@ def _tables(points: list[Point]) -> str:
             f"| {fmt_pair(p.sim_slack)} | {p.turns} / {p.answer_timeouts} | {p.client_late_sends} "
             f"| {p.dropped_rtp} | {p.refusals} |"
         )
+    lines += _slow_callback_table(relay)
     target = relay.get(TARGET_N)
     if target is not None and target.client_pacing and target.wire_pacing:
         checks = [
@@ -586,6 +589,30 @@ def _tables(points: list[Point]) -> str:
             + "; ".join(f"{k}: {'met' if ok else 'NOT met'}" for k, ok in checks),
         ]
     return "\n".join(lines)
+
+
+def _slow_callback_table(relay: dict[int, Point]) -> list[str]:
+    """Loop callbacks over 5 ms in the relay's measurement windows, and the three costliest kinds."""
+    lines = [
+        "",
+        "Relay event-loop callbacks longer than 5 ms (both windows), and the three kinds with the most time:",
+        "",
+        "| N | count | per second | total ms | max ms | costliest (count, total ms) |",
+        "|---|---|---|---|---|---|",
+    ]
+    for n, p in sorted(relay.items()):
+        by_kind: dict[str, list[float]] = {}
+        for ms, what in p.slow_callbacks:
+            by_kind.setdefault(what, []).append(ms)
+        top = sorted(by_kind.items(), key=lambda kv: -sum(kv[1]))[:3]
+        window = WINDOW_S + LOSS_WINDOW_S
+        lines.append(
+            f"| {n} | {len(p.slow_callbacks)} | {fmt(len(p.slow_callbacks) / window, 2)} "
+            f"| {fmt(sum(ms for ms, _ in p.slow_callbacks))} "
+            f"| {fmt(max((ms for ms, _ in p.slow_callbacks), default=0.0))} "
+            f"| {'; '.join(f'`{k}` ({len(v)}, {fmt(sum(v))})' for k, v in top)} |"
+        )
+    return lines
 
 
 def _code_version() -> str:

@@ -12,9 +12,12 @@ costing one ``time.monotonic()`` and one list append per call:
 * ``LiveSession._on_inbound_latency`` (what feeds ``parley_inbound_latency_seconds``, RTP arrival
   until the audio's batch is queued for the upstream writer): every raw value.
 * ``LiveSession._on_response_latency`` (what feeds ``parley_first_response_seconds``): every raw value.
+* ``asyncio.Handle._run``: every loop callback longer than 5 ms, with what it ran (the long
+  callbacks that make speakers late when many sessions share the loop).
 * ``SpeakerTrack._account``: the lateness of every outbound ``recv()`` against its slot, and the
   speaker instances, whose ``stats`` (skips, drains, underruns) are summed into the dump.
 
+With ``PARLEY_BENCH_MEMPROBE`` set, :mod:`tests.bench.mem_probe` samples the process's memory.
 Also the names of the live threads (:func:`thread_names`), to split the process's CPU by thread.
 ``SIGUSR1`` writes everything recorded so far as JSON to ``DUMP_FILE`` (atomically, via rename).
 :func:`install_dump_handler` and :func:`install_send_probe` are shared with the echo server.
@@ -22,6 +25,7 @@ Also the names of the live threads (:func:`thread_names`), to split the process'
 
 from __future__ import annotations
 
+import asyncio
 import importlib
 import json
 import os
@@ -75,12 +79,51 @@ def install_send_probe() -> SendLog:
     return log
 
 
+SLOW_CALLBACK_S = 0.005
+_ID_OR_NUMBER = re.compile(r"[-_: ]?([0-9a-f]{8,}|\d+)")
+
+
+def _describe(handle: Any) -> str:
+    """What a loop callback ran: the task's name and where its coroutine now waits, or the function."""
+    callback = handle._callback
+    task = getattr(callback, "__self__", None)
+    if isinstance(task, asyncio.Task):
+        where, at = task.get_coro(), "done"
+        while where is not None:  # the innermost awaiting frame outside asyncio itself
+            frame = getattr(where, "cr_frame", None) or getattr(where, "gi_frame", None)
+            if frame is not None and f"{os.sep}asyncio{os.sep}" not in frame.f_code.co_filename:
+                at = f"{frame.f_code.co_qualname} {Path(frame.f_code.co_filename).name}:{frame.f_lineno}"
+            where = getattr(where, "cr_await", None) or getattr(where, "gi_yieldfrom", None)
+        return f"task {_ID_OR_NUMBER.sub('', task.get_name())} @ {at}"
+    func = getattr(callback, "func", callback)  # functools.partial
+    return f"{getattr(func, '__module__', '?')}.{getattr(func, '__qualname__', type(func).__name__)}"
+
+
+def install_slow_callback_probe() -> list[tuple[float, float, str]]:
+    """Record ``(time, ms, description)`` of every event-loop callback that ran longer than 5 ms."""
+    from asyncio import events
+
+    slow: list[tuple[float, float, str]] = []
+    original = events.Handle._run
+
+    def _run(self: Any) -> None:
+        start = time.perf_counter()
+        original(self)
+        took = time.perf_counter() - start
+        if took > SLOW_CALLBACK_S:
+            slow.append((time.monotonic(), took * 1000, _describe(self)))
+
+    setattr(events.Handle, "_run", _run)  # noqa: B010 (patched in this process only)
+    return slow
+
+
 def _install_relay_probes() -> Callable[[], dict[str, Any]]:
     from relay.browser.speaker import SpeakerTrack
 
     session_module: Any = importlib.import_module("relay.session.session")
 
     sends = install_send_probe()
+    slow = install_slow_callback_probe()
     inbound: list[tuple[float, float]] = []
     first_response: list[tuple[float, float]] = []
     lateness: list[tuple[float, float]] = []
@@ -131,6 +174,7 @@ def _install_relay_probes() -> Callable[[], dict[str, Any]]:
             "lateness": lateness,
             "speaker_totals": totals,
             "thread_names": thread_names(),
+            "slow_callbacks": slow,
         }
 
     return collect
@@ -141,6 +185,10 @@ def main() -> None:
     pin(core)
     if dump_arg != "-":  # "-": no probes (their records grow with traffic; bench_load measures RSS)
         install_dump_handler(Path(dump_arg), _install_relay_probes())
+    if memprobe := os.environ.get("PARLEY_BENCH_MEMPROBE"):
+        from tests.bench.mem_probe import install
+
+        install(Path(memprobe))
     from relay.cli import main as parley_main
 
     sys.exit(parley_main(["serve", "--workers", "1"]))  # one process: the probes live in it
