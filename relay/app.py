@@ -43,6 +43,7 @@ from relay.cluster.orphans import OrphanSpoolReaper
 from relay.cluster.presence import NodePresence
 from relay.cluster.routing import OwnerRouter
 from relay.config import ConfigError, Settings
+from relay.heap import HeapTrimmer, load_malloc_trim
 from relay.integrations.bridge import RealtimeBridge
 from relay.keys import (
     AUTHENTICATOR,
@@ -125,6 +126,7 @@ def build_app(
     app[LIMITS] = Limits.from_settings(settings)
     app[NODE] = node or NodeIdentity(new_node_id(), settings.node_url)
     app.cleanup_ctx.append(_garbage_collector)  # first in, so it is the last to close
+    app.cleanup_ctx.append(_heap_trimmer)
     app.cleanup_ctx.append(_database)
     app.cleanup_ctx.append(_object_store)
     app.cleanup_ctx.append(_authenticator)
@@ -169,6 +171,21 @@ async def _garbage_collector(app: web.Application) -> AsyncIterator[None]:
     yield
     app[METRICS].unwatch_gc()
     gc.unfreeze()
+
+
+async def _heap_trimmer(app: web.Application) -> AsyncIterator[None]:
+    """Give freed C heap back to the OS every PARLEY_HEAP_TRIM_SECONDS (relay/heap.py)."""
+    interval = app[SETTINGS].heap_trim_s
+    trimmer = None
+    if interval:
+        trimmer = HeapTrimmer(interval, load_malloc_trim(), on_released=app[METRICS].heap_released.inc)
+    if trimmer is not None:
+        trimmer.start()
+    try:
+        yield
+    finally:
+        if trimmer is not None:
+            await trimmer.aclose()
 
 
 async def open_database(settings: Settings) -> Database:

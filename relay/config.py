@@ -31,6 +31,7 @@ MAX_RETENTION_DAYS: Final = 3650
 MAX_RETENTION_SWEEP_S: Final = 7 * 86400
 MAX_WORKERS_IN_PROCESS: Final = 16
 MAX_JOB_LEASE_S: Final = 3600.0
+MAX_HEAP_TRIM_S: Final = 86400.0
 # coturn checks a REST-API credential's expiry again on every allocation refresh, so a credential
 # must outlive the longest call (PARLEY_MAX_SESSION_SECONDS, 1 h by default); each new client secret
 # (every reconnect) brings a fresh one.
@@ -131,6 +132,8 @@ class Settings:
     coach_bitrate: int = 32000
     coach_complexity: int = 5
     spool_max_bytes: int = 512 * 1024 * 1024
+    # How often freed C heap goes back to the OS (relay/heap.py); 0: never.
+    heap_trim_s: float = 60.0
     # Retention: sessions are deleted this many days after they ended (None: kept until deleted;
     # PARLEY_RETENTION_DAYS unset or 0). A session's own choice (retain, retention_days) wins.
     retention_days: int | None = None
@@ -229,6 +232,10 @@ class Settings:
             raise ConfigError(
                 "PARLEY_RETENTION_DAYS",
                 f"must be 0 (off) or between 1 and {MAX_RETENTION_DAYS} days, got {self.retention_days}",
+            )
+        if not 0 <= self.heap_trim_s <= MAX_HEAP_TRIM_S:
+            raise ConfigError(
+                "PARLEY_HEAP_TRIM_SECONDS", f"must be 0 (off) or at most {MAX_HEAP_TRIM_S:g} seconds"
             )
         if not 0 < self.retention_sweep_s <= MAX_RETENTION_SWEEP_S:
             raise ConfigError(
@@ -371,6 +378,7 @@ class Settings:
             coach_bitrate=_int("PARLEY_COACH_BITRATE", get("PARLEY_COACH_BITRATE"), 32000),
             coach_complexity=_int("PARLEY_COACH_COMPLEXITY", get("PARLEY_COACH_COMPLEXITY"), 5),
             spool_max_bytes=_int("PARLEY_SPOOL_MAX_BYTES", get("PARLEY_SPOOL_MAX_BYTES"), 512 * 1024 * 1024),
+            heap_trim_s=_float("PARLEY_HEAP_TRIM_SECONDS", get("PARLEY_HEAP_TRIM_SECONDS"), 60.0),
             retention_days=_int("PARLEY_RETENTION_DAYS", get("PARLEY_RETENTION_DAYS"), 0),
             retention_sweep_s=_float(
                 "PARLEY_RETENTION_SWEEP_SECONDS", get("PARLEY_RETENTION_SWEEP_SECONDS"), 3600.0

@@ -199,6 +199,12 @@ class Metrics:
             "host address per offer); an offer left with no candidate is refused with 503.",
             registry=r,
         )
+        self.heap_released = Counter(
+            "parley_heap_released_bytes",
+            "Resident memory the periodic heap trim gave back to the OS (relay/heap.py): freed C heap "
+            "that glibc kept after sessions ended.",
+            registry=r,
+        )
         self.loop_lag = Histogram(
             "parley_event_loop_lag_seconds",
             "How late a 100 ms timer fires on the event loop.",

@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import json
 import math
 import os
 import random
@@ -196,14 +197,21 @@ class Node:
 
 
 @contextlib.asynccontextmanager
-async def _nodes(svc: Services, count: int, name: str) -> AsyncIterator[list[Node]]:
+async def _nodes(
+    svc: Services, count: int, name: str, extra_env: dict[str, str] | None = None
+) -> AsyncIterator[list[Node]]:
     """``count`` fresh ``parley serve --workers 1`` processes sharing the database and the bucket,
     each with its own data directory (spool) and port, node k pinned to CPU k."""
     nodes: list[Node] = []
     try:
         for k in range(count):
             port = _free_port()
-            env = {**svc.env, "PARLEY_PORT": str(port), "PARLEY_DATA_DIR": str(svc.tmp / f"{name}-node{k}")}
+            env = {
+                **svc.env,
+                **(extra_env or {}),
+                "PARLEY_PORT": str(port),
+                "PARLEY_DATA_DIR": str(svc.tmp / f"{name}-node{k}"),
+            }
             proc = await _start(
                 ["-m", "tests.bench.relay_probe", str(CORES[k]), "-"], env=env, log=svc.tmp / f"node{k}.log"
             )
@@ -752,6 +760,8 @@ class Soak:
     learners: list[Learner] = field(default_factory=list)
     live: int = 0
     errors: list[str] = field(default_factory=list)
+    heap: list[dict[str, Any]] = field(default_factory=list)  # tests/bench/mem_probe.py's samples
+    heap_released_mb: float = math.nan
 
 
 async def _soak_slot(svc: Services, node: Node, k: int, stop_at: float, soak: Soak) -> None:
@@ -811,6 +821,9 @@ def _soak_report(soak: Soak, t0: float, point: LoadPoint, stored: dict[str, Stor
     cpu = (soak.samples[-1][2] - soak.samples[0][2]) / (soak.samples[-1][0] - soak.samples[0][0]) * 100
     flat = not math.isnan(per_10_min) and per_10_min < FLAT_MB_PER_10_MIN
     rss_values = [r for _, r in after]
+    heap = [(h["monotonic"] - t0, h) for h in soak.heap if h["monotonic"] - t0 >= SOAK_WARMUP_S]
+    heap_in_use = [(t, h["heap_in_use"]) for t, h in heap]
+    heap_held = [(t, h["heap_arena"] + h["mmap"]) for t, h in heap]
     stored_rows = list(stored.values())
     learners = soak.learners
     sent = sum(lr.sent_ms for lr in learners) / max(1, len(learners)) / 1000
@@ -825,6 +838,18 @@ def _soak_report(soak: Soak, t0: float, point: LoadPoint, stored: dict[str, Stor
             f"{fmt(per_10_min, 2)} MiB / 10 min: {'flat' if flat else 'NOT flat'}",
         ),
         ("RSS slope, everything after the warm-up", f"{fmt(per_10_min_all, 2)} MiB / 10 min"),
+        (
+            "C heap in use (malloc) at the end of the warm-up / at the end, slope (MiB / 10 min)",
+            f"{fmt(_first(heap_in_use))} / {fmt(_last(heap_in_use))}, {fmt(slope(heap_in_use) * 600, 2)}",
+        ),
+        (
+            "C heap held (arenas + mmap) at the end of the warm-up / at the end (MiB)",
+            f"{fmt(_first(heap_held))} / {fmt(_last(heap_held))}",
+        ),
+        (
+            "given back by the periodic heap trim (parley_heap_released_bytes_total)",
+            f"{fmt(soak.heap_released_mb)} MiB",
+        ),
         ("relay CPU, mean over the soak", f"{fmt(cpu)} % of one core"),
         ("sessions completed (hung up, recording finalized)", len(stored)),
         (
@@ -856,7 +881,9 @@ def _soak_report(soak: Soak, t0: float, point: LoadPoint, stored: dict[str, Stor
     lines = [
         f"One node, {SOAK_N} learner seats, sessions of {SOAK_LIFE_S[0]:.0f}-{SOAK_LIFE_S[1]:.0f} s "
         f"(the first of each seat 30-{SOAK_LIFE_S[1]:.0f} s), barge-in share {BARGE_IN}; {SOAK_S:.0f} s "
-        f"in all, warm-up {SOAK_WARMUP_S:.0f} s, RSS sampled every {SOAK_SAMPLE_S:.0f} s from /proc. "
+        f"in all, warm-up {SOAK_WARMUP_S:.0f} s, RSS sampled every {SOAK_SAMPLE_S:.0f} s from /proc, the C "
+        f"heap every {SOAK_SAMPLE_S * 6:.0f} s inside the relay (glibc mallinfo2, tests/bench/mem_probe.py); "
+        "the relay trims its heap every 60 s (PARLEY_HEAP_TRIM_SECONDS, its default). "
         f"Flat means: least-squares RSS slope over the second half below {FLAT_MB_PER_10_MIN:g} MiB "
         "per 10 minutes.",
         "",
@@ -875,7 +902,12 @@ async def test_soak_one_node(tmp_path: Path) -> None:
     """One node, moderate churning load for PARLEY_BENCH_SOAK_S seconds: is the relay's RSS flat?"""
     soak = Soak()
     point = LoadPoint(1, SOAK_N)
-    async with _services(tmp_path, workers_in_process=1) as svc, _nodes(svc, 1, "soak") as nodes:
+    memprobe = tmp_path / "memprobe.jsonl"
+    probe_env = {"PARLEY_BENCH_MEMPROBE": str(memprobe), "PARLEY_BENCH_MEMPROBE_S": str(SOAK_SAMPLE_S * 6)}
+    async with (
+        _services(tmp_path, workers_in_process=1) as svc,
+        _nodes(svc, 1, "soak", probe_env) as nodes,
+    ):
         node = nodes[0]
         before = await node.scrape()
         stop = asyncio.Event()
@@ -908,6 +940,11 @@ async def test_soak_one_node(tmp_path: Path) -> None:
         point.upload_errors = parse_value(after, "parley_upload_errors_total") - parse_value(
             before, "parley_upload_errors_total"
         )
+        soak.heap_released_mb = (
+            parse_value(after, "parley_heap_released_bytes_total")
+            - parse_value(before, "parley_heap_released_bytes_total")
+        ) / 2**20
+    soak.heap = [json.loads(line) for line in memprobe.read_text().splitlines() if line.strip()]
     body, per_10_min = _soak_report(soak, t0, point, point.stored)
     print("\n" + body)
     await asyncio.to_thread(_write_part, "soak", body)

@@ -26,6 +26,7 @@ def test_defaults_are_the_embedded_ones(tmp_path: Path) -> None:
     assert s.object_store_url == f"file://{data / 'objects'}"
     assert s.upstream_kind == "simulator"
     assert s.openai_api_key is None
+    assert s.heap_trim_s == 60.0
 
 
 def test_generated_secret_key_is_private_and_stable(tmp_path: Path) -> None:
@@ -143,6 +144,8 @@ def test_plain_database_schemes_map_to_async_drivers(tmp_path: Path) -> None:
         ("PARLEY_RETENTION_SWEEP_SECONDS", "604801", "at most 604800"),
         ("PARLEY_RETENTION_SWEEP_SECONDS", "hourly", "must be a number"),
         ("PARLEY_RETENTION_SWEEP_SECONDS", "inf", "finite"),
+        ("PARLEY_HEAP_TRIM_SECONDS", "-1", "0 (off) or at most 86400"),
+        ("PARLEY_HEAP_TRIM_SECONDS", "86401", "0 (off) or at most 86400"),
     ],
 )
 def test_bad_values_fail_with_one_line_naming_the_variable(
