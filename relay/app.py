@@ -8,10 +8,12 @@ a :class:`~relay.config.ConfigError` naming the variable to fix: nothing half-st
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import gc
 import logging
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Iterator
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Final
 
@@ -88,7 +90,7 @@ from storage.recorder import SpoolRecorderFactory, recover_spool
 from storage.spool import Spool
 from storage.uploader import RETRYABLE
 
-__all__ = ["build_app", "open_database"]
+__all__ = ["GC_FREEZE", "GcFreeze", "build_app", "open_database"]
 
 log = logging.getLogger("relay.app")
 
@@ -125,6 +127,7 @@ def build_app(
     app[PASSWORDS] = passwords or PasswordHasher()
     app[LIMITS] = Limits.from_settings(settings)
     app[NODE] = node or NodeIdentity(new_node_id(), settings.node_url)
+    app[_GC_HOLD] = _GcHold()
     app.cleanup_ctx.append(_garbage_collector)  # first in, so it is the last to close
     app.cleanup_ctx.append(_heap_trimmer)
     app.cleanup_ctx.append(_database)
@@ -153,24 +156,77 @@ def build_app(
     return app
 
 
+class GcFreeze:
+    """``gc.freeze()`` is process-wide, so apps in one process (tests, embedders) share one freeze:
+    the first holder collects and freezes, the last to let go unfreezes. Each app holds it from
+    start-up until it closes; a test session may hold it across all its apps, so each start-up
+    costs no full collection of the test process's objects (0.2-0.4 s each)."""
+
+    def __init__(self) -> None:
+        self._holders = 0
+
+    @property
+    def held(self) -> bool:
+        return self._holders > 0
+
+    def hold(self) -> bool:
+        """Take a hold; True when this call collected and froze."""
+        self._holders += 1
+        if self._holders > 1:
+            return False
+        gc.collect()
+        gc.freeze()
+        return True
+
+    def release(self) -> None:
+        if self._holders == 0:
+            return
+        self._holders -= 1
+        if self._holders == 0:
+            gc.unfreeze()
+
+    @contextlib.contextmanager
+    def holding(self) -> Iterator[None]:
+        self.hold()
+        try:
+            yield
+        finally:
+            self.release()
+
+
+GC_FREEZE: Final = GcFreeze()
+
+
+@dataclass
+class _GcHold:
+    held: bool = False
+
+
+_GC_HOLD: Final = web.AppKey("gc_hold", _GcHold)
+
+
 async def _freeze_start_up_objects(app: web.Application) -> None:
     """Collect once, then freeze what is left: the ~200k long-lived objects of start-up (openai and
     pydantic models, SQLAlchemy, aiortc) are never traversed again by a full collection, which
     otherwise stalls every session's pacing for 40-220 ms (tests/bench/RESULTS.md). From here on,
     each collection's pause is timed into ``parley_gc_pause_seconds``."""
-    gc.collect()
-    gc.freeze()
+    froze = GC_FREEZE.hold()
+    app[_GC_HOLD].held = True
     app[METRICS].watch_gc()
-    log.info("gc.frozen", extra={"count": gc.get_freeze_count()})
+    if froze:
+        log.info("gc.frozen", extra={"count": gc.get_freeze_count()})
 
 
 async def _garbage_collector(app: web.Application) -> AsyncIterator[None]:
     """Undo :func:`_freeze_start_up_objects` when the app closes, after every other resource closed
-    (also after a failed start-up; both steps are idempotent). Several apps in one process (tests)
-    each remove their own hook; the first to close unfreezes, which only costs the others speed."""
+    (also after a failed start-up, when there is nothing to undo). Several apps in one process each
+    remove their own hook and let go of their hold on the shared freeze (:class:`GcFreeze`)."""
     yield
     app[METRICS].unwatch_gc()
-    gc.unfreeze()
+    hold = app[_GC_HOLD]
+    if hold.held:
+        hold.held = False
+        GC_FREEZE.release()
 
 
 async def _heap_trimmer(app: web.Application) -> AsyncIterator[None]:

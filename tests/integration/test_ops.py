@@ -5,6 +5,8 @@ from __future__ import annotations
 import asyncio
 import gc
 import re
+import subprocess
+import sys
 from pathlib import Path
 
 import asyncpg  # type: ignore[import-untyped]
@@ -171,10 +173,11 @@ async def test_started_app_freezes_start_up_objects_and_exports_gc_pauses(
     assert count is not None and float(count.group(1)) >= 1
 
 
-async def test_closed_apps_leave_no_gc_hook_and_nothing_frozen(migrated_settings: Settings) -> None:
-    """Starting and closing apps one after another leaves gc.callbacks as it was and unfreezes;
-    an app that is built but never started hooks nothing."""
+async def test_closed_apps_leave_gc_hooks_and_the_freeze_as_they_were(migrated_settings: Settings) -> None:
+    """Starting and closing apps one after another leaves gc.callbacks and the shared freeze as they
+    were (this process holds it for the session); an app built but never started hooks nothing."""
     callbacks = list(gc.callbacks)
+    frozen = gc.get_freeze_count()
     build_app(migrated_settings, passwords=FAST_PASSWORDS)
     assert gc.callbacks == callbacks
     for _ in range(3):
@@ -183,4 +186,32 @@ async def test_closed_apps_leave_no_gc_hook_and_nothing_frozen(migrated_settings
             assert (await started.get("/healthz")).status == 200
             assert len(gc.callbacks) == len(callbacks) + 1
         assert gc.callbacks == callbacks
-        assert gc.get_freeze_count() == 0
+        assert gc.get_freeze_count() == frozen
+
+
+def test_the_first_holder_of_the_gc_freeze_freezes_and_the_last_unfreezes() -> None:
+    """GcFreeze in a fresh process: one collection and freeze for any number of holders, an
+    unfreeze when the last lets go, and a release too many does nothing."""
+    script = """
+import gc
+from relay.app import GcFreeze
+f = GcFreeze()
+assert gc.get_freeze_count() == 0 and not f.held
+assert f.hold() is True
+frozen = gc.get_freeze_count()
+assert frozen > 10_000 and f.held
+assert f.hold() is False and gc.get_freeze_count() == frozen
+f.release()
+assert gc.get_freeze_count() == frozen and f.held
+f.release()
+assert gc.get_freeze_count() == 0 and not f.held
+f.release()
+with f.holding():
+    assert gc.get_freeze_count() > 10_000
+assert gc.get_freeze_count() == 0
+print("ok")
+"""
+    done = subprocess.run(
+        [sys.executable, "-c", script], capture_output=True, text=True, timeout=60, check=False
+    )
+    assert (done.returncode, done.stdout.strip()) == (0, "ok"), done.stderr
