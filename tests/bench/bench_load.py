@@ -824,6 +824,8 @@ def _soak_report(soak: Soak, t0: float, point: LoadPoint, stored: dict[str, Stor
     heap = [(h["monotonic"] - t0, h) for h in soak.heap if h["monotonic"] - t0 >= SOAK_WARMUP_S]
     heap_in_use = [(t, h["heap_in_use"]) for t, h in heap]
     heap_held = [(t, h["heap_arena"] + h["mmap"]) for t, h in heap]
+    py_in_use = [(t, h["pymalloc_in_use"]) for t, h in heap if "pymalloc_in_use" in h]
+    py_held = [(t, float(h["pymalloc_arenas"])) for t, h in heap if "pymalloc_arenas" in h]
     stored_rows = list(stored.values())
     learners = soak.learners
     sent = sum(lr.sent_ms for lr in learners) / max(1, len(learners)) / 1000
@@ -845,6 +847,16 @@ def _soak_report(soak: Soak, t0: float, point: LoadPoint, stored: dict[str, Stor
         (
             "C heap held (arenas + mmap) at the end of the warm-up / at the end (MiB)",
             f"{fmt(_first(heap_held))} / {fmt(_last(heap_held))}",
+        ),
+        (
+            "Python objects (pymalloc): bytes in live blocks at the end of the warm-up / at the end, "
+            "slope (MiB / 10 min)",
+            f"{fmt(_first(py_in_use))} / {fmt(_last(py_in_use))}, {fmt(slope(py_in_use) * 600, 2)}",
+        ),
+        (
+            "Python objects (pymalloc): 1 MiB arenas held at the end of the warm-up / at the end, "
+            "slope (MiB / 10 min)",
+            f"{fmt(_first(py_held), 0)} / {fmt(_last(py_held), 0)}, {fmt(slope(py_held) * 600, 2)}",
         ),
         (
             "given back by the periodic heap trim (parley_heap_released_bytes_total)",

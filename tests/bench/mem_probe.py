@@ -6,6 +6,10 @@ line per ``PARLEY_BENCH_MEMPROBE_S`` seconds (60 by default) that splits it:
 * glibc's own accounting (``mallinfo2``): bytes the C heap hands out (``in_use``) against what it
   holds (``arena`` + ``mmap``). Growth of ``in_use`` is a leak (Python's or a C library's); RSS
   growth with a flat ``in_use`` is memory malloc keeps but does not use (fragmentation).
+* Python's own allocator (pymalloc, which takes 1 MiB arenas straight from mmap, not from malloc):
+  arenas held against bytes in live blocks, from ``sys._debugmallocstats()`` (it prints to the C
+  stderr, so fd 2 points at a temporary file for those few ms: a log line written by another
+  thread meanwhile lands there, not in the relay's log).
 * Python's view, with ``PARLEY_BENCH_MEMPROBE_TYPES=1``: live objects by type (the 25 largest
   counts; walking every object holds the GIL for tens of ms, so off by default) and, with
   ``PARLEY_BENCH_TRACEMALLOC=1``, the 25 source lines whose allocations grew most since the first
@@ -23,6 +27,9 @@ import ctypes
 import gc
 import json
 import os
+import re
+import sys
+import tempfile
 import threading
 import time
 import tracemalloc
@@ -49,6 +56,34 @@ def _rss_mib() -> float:
     return float("nan")
 
 
+_PYMALLOC = {
+    "pymalloc_arenas": re.compile(r"^# arenas allocated current\s*=\s*([\d,]+)", re.M),
+    "pymalloc_in_use": re.compile(r"^# bytes in allocated blocks\s*=\s*([\d,]+)", re.M),
+    "pymalloc_free_blocks": re.compile(r"^# bytes in available blocks\s*=\s*([\d,]+)", re.M),
+}
+
+
+def _pymalloc() -> dict[str, float]:
+    with tempfile.TemporaryFile() as tmp:
+        sys.stderr.flush()
+        saved = os.dup(2)
+        try:
+            os.dup2(tmp.fileno(), 2)
+            sys._debugmallocstats()
+        finally:
+            os.dup2(saved, 2)
+            os.close(saved)
+        tmp.seek(0)
+        text = tmp.read().decode(errors="replace")
+    out: dict[str, float] = {}
+    for key, pattern in _PYMALLOC.items():
+        m = pattern.search(text)
+        if m:
+            value = int(m.group(1).replace(",", ""))
+            out[key] = value if key == "pymalloc_arenas" else round(value / _MIB, 2)
+    return out
+
+
 def _sample(t0: float, baseline: tracemalloc.Snapshot | None, trim: bool, census: bool) -> dict[str, Any]:
     info = _libc.mallinfo2()
     record: dict[str, Any] = {
@@ -59,6 +94,7 @@ def _sample(t0: float, baseline: tracemalloc.Snapshot | None, trim: bool, census
         "heap_free": round(info.fordblks / _MIB, 2),
         "heap_arena": round(info.arena / _MIB, 2),
         "mmap": round(info.hblkhd / _MIB, 2),
+        **_pymalloc(),
         "threads": threading.active_count(),
         "fds": len(os.listdir("/proc/self/fd")),
     }
