@@ -133,7 +133,7 @@ class Settings:
     coach_complexity: int = 5
     spool_max_bytes: int = 512 * 1024 * 1024
     # How often freed C heap goes back to the OS (relay/heap.py); 0: never.
-    heap_trim_s: float = 60.0
+    heap_trim_s: float = 10.0
     # Retention: sessions are deleted this many days after they ended (None: kept until deleted;
     # PARLEY_RETENTION_DAYS unset or 0). A session's own choice (retain, retention_days) wins.
     retention_days: int | None = None
@@ -378,7 +378,7 @@ class Settings:
             coach_bitrate=_int("PARLEY_COACH_BITRATE", get("PARLEY_COACH_BITRATE"), 32000),
             coach_complexity=_int("PARLEY_COACH_COMPLEXITY", get("PARLEY_COACH_COMPLEXITY"), 5),
             spool_max_bytes=_int("PARLEY_SPOOL_MAX_BYTES", get("PARLEY_SPOOL_MAX_BYTES"), 512 * 1024 * 1024),
-            heap_trim_s=_float("PARLEY_HEAP_TRIM_SECONDS", get("PARLEY_HEAP_TRIM_SECONDS"), 60.0),
+            heap_trim_s=_float("PARLEY_HEAP_TRIM_SECONDS", get("PARLEY_HEAP_TRIM_SECONDS"), 10.0),
             retention_days=_int("PARLEY_RETENTION_DAYS", get("PARLEY_RETENTION_DAYS"), 0),
             retention_sweep_s=_float(
                 "PARLEY_RETENTION_SWEEP_SECONDS", get("PARLEY_RETENTION_SWEEP_SECONDS"), 3600.0

@@ -895,7 +895,7 @@ def _soak_report(soak: Soak, t0: float, point: LoadPoint, stored: dict[str, Stor
         f"(the first of each seat 30-{SOAK_LIFE_S[1]:.0f} s), barge-in share {BARGE_IN}; {SOAK_S:.0f} s "
         f"in all, warm-up {SOAK_WARMUP_S:.0f} s, RSS sampled every {SOAK_SAMPLE_S:.0f} s from /proc, the C "
         f"heap every {SOAK_SAMPLE_S * 6:.0f} s inside the relay (glibc mallinfo2, tests/bench/mem_probe.py); "
-        "the relay trims its heap every 60 s (PARLEY_HEAP_TRIM_SECONDS, its default). "
+        "the relay trims its heap every 10 s (PARLEY_HEAP_TRIM_SECONDS, its default). "
         f"Flat means: least-squares RSS slope over the second half below {FLAT_MB_PER_10_MIN:g} MiB "
         "per 10 minutes.",
         "",

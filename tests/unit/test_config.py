@@ -26,7 +26,7 @@ def test_defaults_are_the_embedded_ones(tmp_path: Path) -> None:
     assert s.object_store_url == f"file://{data / 'objects'}"
     assert s.upstream_kind == "simulator"
     assert s.openai_api_key is None
-    assert s.heap_trim_s == 60.0
+    assert s.heap_trim_s == 10.0
 
 
 def test_generated_secret_key_is_private_and_stable(tmp_path: Path) -> None:
