@@ -14,8 +14,17 @@ everything here:
   Every ``av.AudioFrame`` the decoder returns is handed to the loop and queued on the track.
 * ``add()`` runs only when a packet arrives; there is no timer. So the buffer can release at most
   one ``JitterFrame`` per packet, which is why aiortc never drains a backlog.
+* The decoder queue is the receiver's ``__decoder_queue`` (``_RTCRtpReceiver__decoder_queue``);
+  the thread reads it with ``get()`` and ends on ``None``, which ``__stop_decoder`` puts and then
+  joins the thread. Each decoded frame reaches the loop through ``run_coroutine_threadsafe``: a
+  task per 20 ms frame, a self-pipe wake-up, and a thread that competes with the loop for the GIL
+  on the one core a relay process runs on (py-spy at 8 sessions: a tenth of the loop thread's
+  busy time inside ``Queue.put``/``Condition.notify``, and the decoder threads besides).
 
-The replacement :class:`LowLatencyJitterBuffer` releases a packet the moment it is next in
+:class:`InlineDecoding` takes the queue's place and decodes on the event loop inside ``put()``
+(an Opus frame decodes in tens of microseconds), handing frames straight to the track's queue;
+the decoder thread only waits in ``get()`` until the receiver stops. The replacement
+:class:`LowLatencyJitterBuffer` releases a packet the moment it is next in
 sequence (nothing is prefetched: one RTP packet is one Opus frame), holds packets behind a hole
 for at most ``max_wait_s`` and then skips the hole, and returns *everything* that became ready in
 one :class:`BatchFrame`. The patched decoder (:class:`MonoOpusDecoder`) decodes every Opus packet
@@ -28,7 +37,9 @@ stores as received instead of encoding the decoded audio again.
 
 from __future__ import annotations
 
+import asyncio
 import fractions
+import queue
 import threading
 import time
 from collections.abc import Callable
@@ -40,6 +51,7 @@ from aiortc.jitterbuffer import JitterFrame
 
 __all__ = [
     "BatchFrame",
+    "InlineDecoding",
     "LowLatencyJitterBuffer",
     "MonoOpusDecoder",
     "Received",
@@ -51,6 +63,8 @@ __all__ = [
 # The receiver attribute aiortc 1.16 keeps its jitter buffer in (name mangling of __jitter_buffer).
 JITTER_BUFFER_ATTR = "_RTCRtpReceiver__jitter_buffer"
 _KIND_ATTR = "_RTCRtpReceiver__kind"
+# ... and the queue its decoder thread reads (aiortc 1.16: a queue.Queue until receive() starts the thread).
+DECODER_QUEUE_ATTR = "_RTCRtpReceiver__decoder_queue"
 # Packets further behind than this are a new stream (sender restart), not reordering (aiortc's value).
 _MAX_MISORDER = 100
 _OPUS_CLOCK = 48000
@@ -198,15 +212,17 @@ class LowLatencyJitterBuffer:
 class MonoOpusDecoder:
     """aiortc's ``OpusDecoder`` with mono output, batch support and arrival stamps.
 
-    Runs on aiortc's ``audio-decoder`` thread. Output: 48 kHz mono s16 ``AudioFrame`` objects
-    (FFmpeg's libopus decoder ignores a 24 kHz request, AIORTC.md B), ``pts`` in 1/48000,
+    Runs on the event loop for the relay's receivers (:class:`InlineDecoding`) and on aiortc's
+    ``audio-decoder`` thread for any other receiver in the process (test clients). Output: 48 kHz
+    mono s16 ``AudioFrame`` objects (FFmpeg's libopus decoder ignores a 24 kHz request, AIORTC.md
+    B), ``pts`` in 1/48000,
     ``opaque`` = :class:`Received` (the packet's arrival time when the jitter buffer recorded one,
     and the packet).
     A frame that fails to decode is skipped and counted in :attr:`errors` rather than losing the
     rest of its batch.
     """
 
-    errors = 0  # process-wide; only ever incremented (from decoder threads, under the GIL)
+    errors = 0  # process-wide; only ever incremented (on the loop or decoder threads, under the GIL)
 
     def __init__(self) -> None:
         self.codec = av.CodecContext.create("libopus", "r")
@@ -234,6 +250,46 @@ class MonoOpusDecoder:
         for frame in frames:
             frame.opaque = Received(arrived_at, data)
         return frames
+
+
+class InlineDecoding:
+    """Stands in for an ``RTCRtpReceiver``'s decoder ``queue.Queue``: decodes on the event loop.
+
+    ``put((codec, frame))`` (from ``_handle_rtp_packet``, on the loop) decodes at once with
+    ``get_decoder(codec)`` (:class:`MonoOpusDecoder` for Opus) and puts every decoded frame on the
+    track's queue, in order, without a thread hop. ``put(None)`` (the receiver stopping) releases
+    the receiver's decoder thread, which has been waiting in :meth:`get` and now ends the track
+    as it always does. A frame that fails to decode is counted in :attr:`errors` and skipped.
+    """
+
+    def __init__(self, track_queue: asyncio.Queue[Any]) -> None:
+        self._out = track_queue
+        self._decoder: Any = None
+        self._codec_name: str | None = None
+        self._stopped = threading.Event()
+        self.frames = 0
+        self.errors = 0
+
+    def put(self, item: tuple[Any, Any] | None) -> None:
+        if item is None:
+            self._stopped.set()
+            return
+        codec, encoded_frame = item
+        if codec.name != self._codec_name:
+            self._decoder = _RECEIVER_MODULE.get_decoder(codec)
+            self._codec_name = codec.name
+        try:
+            frames = self._decoder.decode(encoded_frame)
+        except av.FFmpegError:
+            self.errors += 1
+            return
+        for frame in frames:
+            self._out.put_nowait(frame)
+        self.frames += len(frames)
+
+    def get(self) -> None:
+        """aiortc's decoder thread: wait until the receiver stops, then let the thread end the track."""
+        self._stopped.wait()
 
 
 # Typed as Any: the module attribute is replaced at run time, which its declared type forbids.
@@ -267,17 +323,25 @@ def restore_decoder() -> None:
 
 
 def install_low_latency_jitter_buffer(receiver: Any, **options: Any) -> LowLatencyJitterBuffer:
-    """Replace an audio ``RTCRtpReceiver``'s jitter buffer with :class:`LowLatencyJitterBuffer`.
+    """Replace an audio ``RTCRtpReceiver``'s jitter buffer with :class:`LowLatencyJitterBuffer`
+    and its decoder thread's queue with :class:`InlineDecoding`.
 
     Call it after ``setRemoteDescription`` created the receiver and before media flows (packets
     already held by the old buffer are dropped). Also installs :func:`install_mono_decoder`,
     without which a :class:`BatchFrame` would lose all but its first frame. ``options`` go to the
     buffer. Raises ``RuntimeError`` if the receiver is not an aiortc 1.16-shaped audio receiver,
-    rather than silently leaving the stock 80 ms buffer in place.
+    rather than silently leaving the stock 80 ms buffer and the decoder thread in place.
     """
-    if not hasattr(receiver, JITTER_BUFFER_ATTR) or getattr(receiver, _KIND_ATTR, None) != "audio":
-        raise RuntimeError("not an aiortc audio receiver with a patchable jitter buffer")
+    track_queue = getattr(getattr(receiver, "track", None), "_queue", None)
+    if (
+        not hasattr(receiver, JITTER_BUFFER_ATTR)
+        or getattr(receiver, _KIND_ATTR, None) != "audio"
+        or not isinstance(getattr(receiver, DECODER_QUEUE_ATTR, None), queue.Queue)
+        or not isinstance(track_queue, asyncio.Queue)
+    ):
+        raise RuntimeError("not an aiortc audio receiver with a patchable jitter buffer and decoder queue")
     install_mono_decoder()
     buffer = LowLatencyJitterBuffer(**options)
     setattr(receiver, JITTER_BUFFER_ATTR, buffer)
+    setattr(receiver, DECODER_QUEUE_ATTR, InlineDecoding(track_queue))
     return buffer

@@ -2,7 +2,11 @@
 
 from __future__ import annotations
 
+import asyncio
 import fractions
+import ipaddress
+import itertools
+import threading
 from typing import Any
 
 import aiortc.rtcrtpreceiver
@@ -10,19 +14,28 @@ import av
 import pytest
 from aiortc import RTCConfiguration, RTCPeerConnection
 from aiortc.jitterbuffer import JitterBuffer, JitterFrame
+from aiortc.mediastreams import MediaStreamError
 from aiortc.rtcrtpparameters import RTCRtpCodecParameters
 from aiortc.rtp import RtpPacket
 
+from relay.browser.ice import rtc_configuration
 from relay.browser.jitter import (
+    DECODER_QUEUE_ATTR,
     JITTER_BUFFER_ATTR,
     BatchFrame,
+    InlineDecoding,
     LowLatencyJitterBuffer,
     MonoOpusDecoder,
     install_low_latency_jitter_buffer,
     install_mono_decoder,
     restore_decoder,
 )
+from relay.browser.peer import BrowserPeer
+from relay.browser.sdp import validate_offer
+from relay.browser.speaker import SpeakerTrack
+from tests.fakes.rtc_client import RtcClient, loopback_ice, tone  # noqa: F401 (fixture)
 
+LOOPBACK = [ipaddress.ip_network("127.0.0.0/8")]
 receiver_module: Any = aiortc.rtcrtpreceiver  # get_decoder is not re-exported in its stubs
 OPUS = RTCRtpCodecParameters(mimeType="audio/opus", clockRate=48000, channels=2, payloadType=96)
 
@@ -226,22 +239,28 @@ def test_mono_decoder_accepts_stock_frames_and_skips_garbage() -> None:
     assert MonoOpusDecoder.errors == errors + 1
 
 
-async def test_install_replaces_the_receiver_buffer_and_patches_the_decoder() -> None:
-    """The hook swaps aiortc 1.16's name-mangled audio jitter buffer and its Opus decoder factory."""
+async def test_install_replaces_the_receiver_buffer_and_patches_the_decoder(loopback_ice: None) -> None:
+    """The hook swaps aiortc 1.16's name-mangled audio jitter buffer, its decoder thread's queue and
+    its Opus decoder factory, on receivers an offer created; anything else is refused."""
+    offerer = RTCPeerConnection(RTCConfiguration(iceServers=[]))
     pc = RTCPeerConnection(RTCConfiguration(iceServers=[]))
     try:
-        audio = pc.addTransceiver("audio").receiver
-        video = pc.addTransceiver("video").receiver
+        unapplied = offerer.addTransceiver("audio").receiver  # no remote track yet
+        offerer.addTransceiver("video")
+        await offerer.setLocalDescription(await offerer.createOffer())
+        await pc.setRemoteDescription(offerer.localDescription)
+        audio, video = (t.receiver for t in pc.getTransceivers())
         assert isinstance(getattr(audio, JITTER_BUFFER_ATTR), JitterBuffer)
         buffer = install_low_latency_jitter_buffer(audio, max_wait_s=0.01)
         assert getattr(audio, JITTER_BUFFER_ATTR) is buffer and buffer.max_wait_s == 0.01
+        assert isinstance(getattr(audio, DECODER_QUEUE_ATTR), InlineDecoding)
         assert isinstance(receiver_module.get_decoder(OPUS), MonoOpusDecoder)
-        with pytest.raises(RuntimeError):
-            install_low_latency_jitter_buffer(video)
-        with pytest.raises(RuntimeError):
-            install_low_latency_jitter_buffer(object())
+        for wrong in (video, unapplied, object()):
+            with pytest.raises(RuntimeError):
+                install_low_latency_jitter_buffer(wrong)
     finally:
         await pc.close()
+        await offerer.close()
         restore_decoder()
 
 
@@ -253,3 +272,50 @@ def test_decoder_patch_is_idempotent_and_restorable() -> None:
     restore_decoder()
     restore_decoder()
     assert type(receiver_module.get_decoder(OPUS)).__name__ == "OpusDecoder"
+
+
+async def test_the_relays_receiver_decodes_inside_the_rtp_handler_and_its_track_ends_with_the_peer(
+    loopback_ice: None,
+) -> None:
+    """With the hook, every Opus frame is decoded on the event loop as its packet is handled (no
+    decoder-thread hop): the frames are on the track's queue in order before the handler returns,
+    and closing the peer still ends the track and the receiver's decoder thread."""
+    peer = BrowserPeer(
+        peer_id="inline", configuration=rtc_configuration([]), speaker=SpeakerTrack(), on_event=print
+    )
+    async with peer, RtcClient() as client:
+        offer = validate_offer((await client.offer()).encode(), remote_allow=LOOPBACK)
+        await client.accept(await peer.negotiate(offer))
+        assert peer._pc is not None
+        receiver = peer._pc.getTransceivers()[0].receiver
+        inline = getattr(receiver, DECODER_QUEUE_ATTR)
+        assert isinstance(inline, InlineDecoding)
+        handle = receiver._handle_rtp_packet
+        queued_at_return: list[int] = []
+
+        async def watched(packet: Any, arrival_time_ms: int) -> None:
+            before = inline.frames
+            await handle(packet, arrival_time_ms)
+            if inline.frames > before:  # decoded inside this call, already queued for the track
+                queued_at_return.append(receiver.track._queue.qsize())
+
+        receiver._handle_rtp_packet = watched
+        client.send_pcm(tone(1.0))
+        assert peer.mic is not None
+        pts = []
+        async with asyncio.timeout(10):
+            while len(pts) < 25:
+                frame = await peer.mic.recv()
+                pts.append(frame.pts)
+        assert inline.frames >= 25 and inline.errors == 0
+        assert queued_at_return and min(queued_at_return) >= 1
+        assert all(b - a == 960 for a, b in itertools.pairwise(pts))  # 20 ms apart, in order
+        decoder_threads = [t for t in threading.enumerate() if t.name == "audio-decoder"]
+        assert decoder_threads, "aiortc's decoder thread still exists, waiting for the receiver to stop"
+    for thread in decoder_threads:
+        thread.join(timeout=5)
+        assert not thread.is_alive()
+    with pytest.raises(MediaStreamError):
+        async with asyncio.timeout(5):
+            while True:
+                await peer.mic.recv()
