@@ -45,7 +45,7 @@ from relay.cluster.orphans import OrphanSpoolReaper
 from relay.cluster.presence import NodePresence
 from relay.cluster.routing import OwnerRouter
 from relay.config import ConfigError, Settings
-from relay.heap import HeapTrimmer, load_malloc_trim
+from relay.heap import HeapTrimmer, load_malloc_trim, pin_mmap_threshold
 from relay.integrations.bridge import RealtimeBridge
 from relay.keys import (
     AUTHENTICATOR,
@@ -230,10 +230,12 @@ async def _garbage_collector(app: web.Application) -> AsyncIterator[None]:
 
 
 async def _heap_trimmer(app: web.Application) -> AsyncIterator[None]:
-    """Give freed C heap back to the OS every PARLEY_HEAP_TRIM_SECONDS (relay/heap.py)."""
+    """Give freed C heap back to the OS every PARLEY_HEAP_TRIM_SECONDS, and map large blocks on
+    their own so they never fragment the heap (relay/heap.py)."""
     interval = app[SETTINGS].heap_trim_s
     trimmer = None
     if interval:
+        pin_mmap_threshold()
         trimmer = HeapTrimmer(interval, load_malloc_trim(), on_released=app[METRICS].heap_released.inc)
     if trimmer is not None:
         trimmer.start()

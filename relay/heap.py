@@ -10,7 +10,13 @@ decay time for the same job). It holds each arena's lock while it walks it, abou
 it releases (measured: 7.5 ms for 47 MiB, 26 ms for 178 MiB), so a frequent trim with little to
 give back keeps those pauses short for the event loop, which allocates from the same arena.
 
-Where the C library has no ``malloc_trim`` (musl, macOS) the trimmer does nothing.
+Trimming alone is not enough: glibc raises its mmap threshold to the size of every large block
+freed (up to 32 MiB), so after the first long answer the coach's audio buffers (hundreds of KiB,
+growing by reallocation) come from the heap too and leave holes the size of an answer, which no
+trim can return while a small live block shares their pages. :func:`pin_mmap_threshold` fixes the
+threshold, so blocks from 128 KiB up are mapped and unmapped on their own.
+
+Where the C library has no ``malloc_trim`` or ``mallopt`` (musl, macOS) both do nothing.
 """
 
 from __future__ import annotations
@@ -25,21 +31,42 @@ import time
 from collections.abc import Callable
 from typing import Final
 
-__all__ = ["HeapTrimmer", "load_malloc_trim", "resident_bytes"]
+__all__ = ["MMAP_THRESHOLD", "HeapTrimmer", "load_malloc_trim", "pin_mmap_threshold", "resident_bytes"]
 
 log = logging.getLogger(__name__)
 
 _PAGE: Final = os.sysconf("SC_PAGE_SIZE")
+MMAP_THRESHOLD: Final = 128 * 1024  # glibc's initial value
+_M_MMAP_THRESHOLD: Final = -3  # <malloc.h>
 
 
-def load_malloc_trim() -> Callable[[int], int] | None:
-    """glibc's ``malloc_trim``, or None where the C library has none."""
+def _libc() -> ctypes.CDLL | None:
     name = ctypes.util.find_library("c")
     if name is None:
         return None
     try:
-        trim = ctypes.CDLL(name).malloc_trim
-    except (OSError, AttributeError):
+        return ctypes.CDLL(name)
+    except OSError:
+        return None
+
+
+def pin_mmap_threshold(size: int = MMAP_THRESHOLD) -> bool:
+    """Make glibc map every block of ``size`` bytes or more on its own, for good (process-wide).
+
+    Returns False where there is no glibc ``mallopt``."""
+    libc = _libc()
+    mallopt = getattr(libc, "mallopt", None)
+    if mallopt is None:
+        return False
+    mallopt.argtypes = [ctypes.c_int, ctypes.c_int]
+    mallopt.restype = ctypes.c_int
+    return bool(mallopt(_M_MMAP_THRESHOLD, size))
+
+
+def load_malloc_trim() -> Callable[[int], int] | None:
+    """glibc's ``malloc_trim``, or None where the C library has none."""
+    trim = getattr(_libc(), "malloc_trim", None)
+    if trim is None:
         return None
     trim.argtypes = [ctypes.c_size_t]
     trim.restype = ctypes.c_int

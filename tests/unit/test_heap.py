@@ -3,12 +3,16 @@
 from __future__ import annotations
 
 import asyncio
+import subprocess
+import sys
 from collections.abc import Callable
+from pathlib import Path
 
 import pytest
 
 from relay.heap import HeapTrimmer, load_malloc_trim, resident_bytes
 
+ROOT = Path(__file__).resolve().parents[2]
 BLOCK = 64 * 1024  # below glibc's mmap threshold: these come from the heap, not from their own mmap
 BLOCKS = 800
 
@@ -84,3 +88,44 @@ async def test_without_malloc_trim_the_trimmer_does_nothing() -> None:
 def test_interval_must_be_positive() -> None:
     with pytest.raises(ValueError, match="interval_s"):
         HeapTrimmer(0, None)
+
+
+def test_pinned_mmap_threshold_keeps_large_blocks_out_of_the_heap_after_a_larger_one_was_freed() -> None:
+    """glibc alone raises its mmap threshold when a large block is freed, so the next 512 KiB
+    buffer comes from the heap; with the threshold pinned it is mapped on its own (fresh processes)."""
+    script = """
+import ctypes, sys
+from relay.heap import pin_mmap_threshold
+
+class Info(ctypes.Structure):
+    _fields_ = [(n, ctypes.c_size_t) for n in
+                "arena ordblks smblks hblks hblkhd usmblks fsmblks uordblks fordblks keepcost".split()]
+
+libc = ctypes.CDLL("libc.so.6")
+libc.mallinfo2.restype = Info
+libc.malloc.restype = ctypes.c_void_p
+libc.malloc.argtypes = [ctypes.c_size_t]
+libc.free.argtypes = [ctypes.c_void_p]
+if sys.argv[1] == "pinned":
+    assert pin_mmap_threshold() is True
+libc.free(libc.malloc(1 << 20))
+before = libc.mallinfo2().hblkhd
+block = libc.malloc(512 << 10)
+print(libc.mallinfo2().hblkhd - before >= 512 << 10)
+libc.free(block)
+"""
+
+    def mapped(mode: str) -> str:
+        done = subprocess.run(
+            [sys.executable, "-c", script, mode],
+            capture_output=True,
+            text=True,
+            timeout=60,
+            check=False,
+            cwd=ROOT,
+        )
+        assert done.returncode == 0, done.stderr
+        return done.stdout.strip()
+
+    assert mapped("dynamic") == "False"
+    assert mapped("pinned") == "True"
