@@ -702,6 +702,10 @@ class ModelLink:
     async def _recv_loop(self, current: _Connection) -> None:
         while True:
             await self._receive_one(current)
+            # recv_bytes() returns at once while the socket has events buffered, and a whole
+            # answer's audio arrives faster than real time: without a yield per event, one burst is
+            # one loop callback of tens of ms that makes every session's 20 ms playout late.
+            await asyncio.sleep(0)
 
     async def _receive_one(self, current: _Connection) -> None:
         raw = await current.conn.recv_bytes()

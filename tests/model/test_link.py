@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 import asyncio
+import itertools
 import logging
 import time
+from typing import Any
 
 import pytest
 from openai.types.realtime import (
@@ -485,3 +487,41 @@ class SilentServer:
             writer.close()
         await self._server.wait_closed()
         await asyncio.sleep(0.01)
+
+
+async def test_a_burst_of_buffered_upstream_events_is_handled_one_per_loop_turn(
+    make_sim: MakeSim, make_harness: MakeHarness
+) -> None:
+    """An answer's audio deltas arrive faster than real time and sit in the socket's buffer; the
+    link hands them on one per event-loop turn, so other callbacks (every session's 20 ms playout
+    timer) run between them instead of waiting behind the whole burst."""
+    sim = await make_sim(chunk_ms=10)
+    h = make_harness(sim)
+    loop = asyncio.get_running_loop()
+    turns = 0
+    ticker: list[asyncio.Handle] = []
+
+    def tick() -> None:  # runs once per loop turn
+        nonlocal turns
+        turns += 1
+        ticker[:] = [loop.call_soon(tick)]
+
+    at_delta: list[int] = []
+    deliver = h.link._on_event
+
+    def on_event(event: Any) -> Any:
+        if event.type == "response.output_audio.delta":
+            at_delta.append(turns)
+        return deliver(event)
+
+    h.link._on_event = on_event
+    h.start()
+    await h.until_ready()
+    tick()
+    try:
+        h.push_turn()
+        await h.until_event("response.done")
+    finally:
+        ticker[0].cancel()
+    assert len(at_delta) >= 20, at_delta
+    assert all(b > a for a, b in itertools.pairwise(at_delta)), at_delta
