@@ -16,7 +16,9 @@ Realtime simulator (:mod:`tests.bench.relay_sim`), and drive them with the learn
   and its stored recording is compared with the audio it sent. For each N, a bare aiortc echo server
   (:mod:`tests.bench.relay_echo`) with N peers gives the baseline CPU and RSS in the same run.
 * **Soak**: one node, ``PARLEY_BENCH_SOAK_N`` learners whose sessions end and restart every 2-3
-  minutes, the relay's RSS sampled every 10 s.
+  minutes, the relay's RSS sampled every 10 s, and once a minute, from inside the relay, its C heap
+  and Python's allocator (:mod:`tests.bench.mem_probe`: a few fixed-size numbers per sample, so the
+  probe itself does not grow).
 """
 
 from __future__ import annotations
