@@ -233,17 +233,16 @@ async def _heap_trimmer(app: web.Application) -> AsyncIterator[None]:
     """Give freed C heap back to the OS every PARLEY_HEAP_TRIM_SECONDS, and map large blocks on
     their own so they never fragment the heap (relay/heap.py)."""
     interval = app[SETTINGS].heap_trim_s
-    trimmer = None
-    if interval:
-        pin_mmap_threshold()
-        trimmer = HeapTrimmer(interval, load_malloc_trim(), on_released=app[METRICS].heap_released.inc)
-    if trimmer is not None:
-        trimmer.start()
+    if not interval:
+        yield
+        return
+    pin_mmap_threshold()
+    trimmer = HeapTrimmer(interval, load_malloc_trim(), on_released=app[METRICS].heap_released.inc)
+    trimmer.start()
     try:
         yield
     finally:
-        if trimmer is not None:
-            await trimmer.aclose()
+        await trimmer.aclose()
 
 
 async def open_database(settings: Settings) -> Database:

@@ -24,7 +24,6 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import ctypes
-import ctypes.util
 import logging
 import os
 import time
@@ -40,22 +39,16 @@ MMAP_THRESHOLD: Final = 128 * 1024  # glibc's initial value
 _M_MMAP_THRESHOLD: Final = -3  # <malloc.h>
 
 
-def _libc() -> ctypes.CDLL | None:
-    name = ctypes.util.find_library("c")
-    if name is None:
-        return None
-    try:
-        return ctypes.CDLL(name)
-    except OSError:
-        return None
+# The symbols already loaded into this process, libc's among them: no library search (which
+# ctypes.util.find_library does by running ldconfig, a blocking subprocess at app start-up).
+_PROCESS: Final = ctypes.CDLL(None)
 
 
 def pin_mmap_threshold(size: int = MMAP_THRESHOLD) -> bool:
     """Make glibc map every block of ``size`` bytes or more on its own, for good (process-wide).
 
     Returns False where there is no glibc ``mallopt``."""
-    libc = _libc()
-    mallopt = getattr(libc, "mallopt", None)
+    mallopt = getattr(_PROCESS, "mallopt", None)
     if mallopt is None:
         return False
     mallopt.argtypes = [ctypes.c_int, ctypes.c_int]
@@ -65,7 +58,7 @@ def pin_mmap_threshold(size: int = MMAP_THRESHOLD) -> bool:
 
 def load_malloc_trim() -> Callable[[int], int] | None:
     """glibc's ``malloc_trim``, or None where the C library has none."""
-    trim = getattr(_libc(), "malloc_trim", None)
+    trim = getattr(_PROCESS, "malloc_trim", None)
     if trim is None:
         return None
     trim.argtypes = [ctypes.c_size_t]
@@ -131,11 +124,7 @@ class HeapTrimmer:
     async def _run(self) -> None:
         while True:
             await asyncio.sleep(self._interval_s)
-            try:
-                released = await self.trim_now()
-            except OSError as exc:  # /proc unreadable mid-run: skip this round
-                log.warning("heap.trim_failed", extra={"error": type(exc).__name__})
-                continue
+            released = await self.trim_now()  # resident_bytes() reads 0 where /proc is unreadable
             if self._on_released is not None:
                 self._on_released(released)
 
