@@ -26,6 +26,7 @@ from typing import Any
 from aiortc import RTCConfiguration, RTCDataChannel, RTCPeerConnection, RTCSessionDescription
 from aiortc.mediastreams import MediaStreamTrack
 
+from relay.browser.close_race import install_close_race_guard
 from relay.browser.ice import install_consent_guard
 from relay.browser.jitter import LowLatencyJitterBuffer, install_low_latency_jitter_buffer
 from relay.browser.sdp import InvalidOffer
@@ -127,6 +128,7 @@ class BrowserPeer:
         if self._pc is not None or self._closing is not None:
             raise RuntimeError("BrowserPeer.negotiate() may be called once, before aclose()")
         install_consent_guard()
+        install_close_race_guard()
         pc = self._pc = RTCPeerConnection(self._configuration)
         pc.on("datachannel", self._attach_channel)
         pc.on("connectionstatechange", self._on_connection_state)
