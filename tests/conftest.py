@@ -3,9 +3,11 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import inspect
 from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
+from typing import Any
 
 import pytest
 from aiohttp.test_utils import TestClient
@@ -87,7 +89,24 @@ async def _no_leaked_tasks() -> AsyncIterator[None]:
         leaked = [t for t in asyncio.all_tasks() if t is not current and not t.done()]
         if not leaked or asyncio.get_running_loop().time() >= deadline:
             break
-    assert not leaked, f"leaked tasks: {sorted(t.get_name() for t in leaked)}"
+    assert not leaked, f"leaked tasks: {sorted(_describe(t) for t in leaked)}"
+
+
+def _describe(task: asyncio.Task[Any]) -> str:
+    """A leaked task's name, coroutine and owner (for a socket: its ports and state): enough to find
+    which connection it belongs to from a CI log alone."""
+    coro = task.get_coro()
+    frame = getattr(coro, "cr_frame", None)
+    owner = frame.f_locals.get("self") if frame is not None else None
+    parts = [task.get_name(), getattr(coro, "__qualname__", type(coro).__name__)]
+    if owner is not None:
+        parts.append(f"owner={type(owner).__module__}.{type(owner).__qualname__}")
+        for attr in ("local_address", "remote_address", "state", "id"):
+            with contextlib.suppress(Exception):
+                value = getattr(owner, attr)
+                if value is not None and not callable(value):
+                    parts.append(f"{attr}={value}")
+    return " ".join(parts)
 
 
 def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
