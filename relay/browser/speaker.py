@@ -56,24 +56,9 @@ _PLAYED_HISTORY = 512
 _CANCELLED_HISTORY = 64
 
 
-async def _sleep_unless_woken(woken: asyncio.Future[None], delay: float) -> None:
-    """Sleep ``delay`` seconds, or less if ``woken`` is resolved first (about asyncio.sleep's cost)."""
-    handle = asyncio.get_running_loop().call_later(delay, _resolve, woken)
-    try:
-        await woken
-    finally:
-        handle.cancel()
-
-
-def _resolve(future: asyncio.Future[None]) -> None:
-    if not future.done():
-        future.set_result(None)
-
-
 # Module seams so tests can run the schedule on a virtual clock.
 _monotonic = time.monotonic
 _sleep = asyncio.sleep
-_idle_sleep = _sleep_unless_woken
 # Upper bounds (ms) of the |interval - 20 ms| histogram buckets; the last bucket is everything above.
 JITTER_BUCKETS_MS = (0.5, 1.0, 2.0, 5.0, 10.0, 20.0)
 
@@ -91,7 +76,6 @@ class SpeakerStats:
     interval_jitter_hist: list[int] = field(default_factory=lambda: [0] * (len(JITTER_BUCKETS_MS) + 1))
     max_interval_jitter_ms: float = 0.0
     schedule_skips: int = 0  # times the schedule fell behind by more than 3 frames and jumped
-    reanchors: int = 0  # answers that started at once, moving the idle schedule forward
     skipped_slots: int = 0  # 20 ms slots that were never sent because of those jumps
     drained_frames: int = 0  # queued audio dropped by the max-latency policy
     underruns: int = 0  # times an item ran dry mid-way and silence was inserted
@@ -220,12 +204,10 @@ class SpeakerTrack(MediaStreamTrack):
         self._played: collections.OrderedDict[str, int] = collections.OrderedDict()
         self._cancelled: collections.OrderedDict[str, None] = collections.OrderedDict()
         self._t0: float | None = None
-        self._grid_t0 = 0.0  # the schedule's long-term origin, which an answer's re-anchor leaves
         self._slot = -1
         self._last_return: float | None = None
         self._silent_run = _SILENCE_TAIL_FRAMES
         self._outlet: _Outlet | None = None
-        self._idle_waiter: asyncio.Future[None] | None = None
         self._taken_bytes = 0  # real audio in the frame _take() returned last (the rest is padding)
 
         if not 0 <= complexity <= 10:
@@ -263,9 +245,6 @@ class SpeakerTrack(MediaStreamTrack):
             self._queue.append(item)
         item.buf += pcm24k
         self._queued_bytes += len(pcm24k)
-        waiter = self._idle_waiter
-        if waiter is not None and not waiter.done():
-            waiter.set_result(None)  # an answer after silence starts now, not at the next slot
 
     def finish(self, item_id: str) -> None:
         """Mark that no more audio of ``item_id`` will be fed, so it is done as soon as it has played."""
@@ -331,7 +310,7 @@ class SpeakerTrack(MediaStreamTrack):
         self._slot += 1
         now = _monotonic()
         if self._t0 is None:
-            self._t0 = self._grid_t0 = now
+            self._t0 = now
             self._slot = 0
         due = self._t0 + self._slot * FRAME_S
         if now - due > _MAX_BEHIND_S:
@@ -341,28 +320,11 @@ class SpeakerTrack(MediaStreamTrack):
             self._slot = slot
             due = self._t0 + slot * FRAME_S
         elif due > now:
-            if self._queue or self._silent_run < _SILENCE_TAIL_FRAMES:
-                await _sleep(due - now)
-            else:
-                # Idle: wait for the slot or for audio, whichever comes first. Audio that arrives
-                # early moves the schedule forward so it goes out at once: RTP timestamps stay
-                # continuous and the browser sees one short interval, where waiting for the grid
-                # would add 0-20 ms (10 on average) to every first response. Once idle again, the
-                # schedule goes back to its grid (one longer interval, in silence), so packets are
-                # never more than 20 ms ahead of their timestamps and the offset cannot accumulate.
-                if self._t0 != self._grid_t0:
-                    self._t0 = self._grid_t0
-                    due = self._t0 + self._slot * FRAME_S
-                self._idle_waiter = asyncio.get_running_loop().create_future()
-                try:
-                    await _idle_sleep(self._idle_waiter, due - now)
-                finally:
-                    self._idle_waiter = None
-                now = _monotonic()
-                if now < due and self._queue:
-                    self._t0 = now - self._slot * FRAME_S
-                    due = now
-                    self.stats.reanchors += 1
+            # Always the slot's own time, even for an answer that arrives while the track idles:
+            # the browser plays a continuous stream by RTP timestamp, so a frame sent before its
+            # slot is not heard any sooner, and the return to the grid afterwards would reach the
+            # browser's jitter buffer as a late arrival.
+            await _sleep(due - now)
 
         pcm = self._next_pcm()
         if pcm is None:

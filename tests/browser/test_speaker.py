@@ -32,20 +32,12 @@ class VirtualClock:
         self.now += max(0.0, delay)
         await asyncio.sleep(0)
 
-    async def idle_sleep(self, woken: asyncio.Future[None], delay: float) -> None:
-        """Time runs 1 ms per loop turn, so something else can wake the sleeper part-way."""
-        end = self.now + max(0.0, delay)
-        while not woken.done() and self.now < end:
-            self.now = min(end, self.now + 0.001)
-            await asyncio.sleep(0)
-
 
 @pytest.fixture
 def clock(monkeypatch: pytest.MonkeyPatch) -> Iterator[VirtualClock]:
     c = VirtualClock()
     monkeypatch.setattr(speaker_module, "_monotonic", c.monotonic)
     monkeypatch.setattr(speaker_module, "_sleep", c.sleep)
-    monkeypatch.setattr(speaker_module, "_idle_sleep", c.idle_sleep)
     yield c
 
 
@@ -272,49 +264,26 @@ async def test_recv_still_works_after_aiortc_stopped_the_track(clock: VirtualClo
     assert packet.size > 20 and track.played_ms("a") == 20
 
 
-async def test_an_answer_after_silence_goes_out_at_once_not_at_the_next_slot(clock: VirtualClock) -> None:
-    """Audio fed while the speaker idles re-anchors the schedule: sent now, RTP timestamps continuous."""
+async def test_every_frame_goes_out_on_its_slot_an_answer_after_silence_included(clock: VirtualClock) -> None:
+    """Send time minus RTP time is one constant for silence, an answer fed mid-wait and the silence
+    after it: no frame leaves early (it would not be heard sooner) and none late."""
     track = SpeakerTrack()
-    idle = await run(track, 5)  # silence, past the encoder's tail
-    waiting = asyncio.create_task(track.recv())
-    for _ in range(6):  # 6 ms into a 20 ms wait for the next slot
-        await asyncio.sleep(0)
-    fed_at = clock.now
+    sent: list[tuple[float, Any]] = []
+
+    async def one() -> None:
+        packet = await track.recv()
+        sent.append((clock.now, packet))
+
+    for _ in range(5):  # silence, past the encoder's tail
+        await one()
+    waiting = asyncio.create_task(one())
+    await asyncio.sleep(0)  # the track waits for its next slot
     track.feed(pcm_ms(60), item_id="a")
-    first = await waiting
-    assert clock.now - fed_at < 0.002  # not the 14 ms left until the old slot
-    assert first.pts == idle[-1].pts + 960 and opus_packet_samples48(bytes(first)) == 960
-    assert track.stats.reanchors == 1 and track.played_ms("a") == 20
-    started = clock.now
-    second = await track.recv()
-    assert second.pts == first.pts + 960
-    assert abs(clock.now - started - 0.02) < 1e-9  # the new grid is 20 ms apart again
-
-
-async def test_audio_during_an_answer_keeps_the_grid(clock: VirtualClock) -> None:
-    """While audio plays (or the silence tail runs) slots keep their times: no re-anchoring."""
-    track = SpeakerTrack()
-    track.feed(pcm_ms(40), item_id="a")
-    await run(track, 2)
-    waiting = asyncio.create_task(track.recv())
-    await asyncio.sleep(0)
-    track.feed(pcm_ms(40), item_id="b")
-    await waiting
-    await run(track, 3)
-    assert track.stats.reanchors == 0
-
-
-async def test_the_schedule_returns_to_its_grid_once_idle_again(clock: VirtualClock) -> None:
-    """After an early start the next silence waits for the original grid: the offset never accumulates."""
-    track = SpeakerTrack()
-    first_silence = await run(track, 5)
-    grid = clock.now  # slot 4 was due exactly here
-    waiting = asyncio.create_task(track.recv())
-    for _ in range(7):
-        await asyncio.sleep(0)
-    track.feed(pcm_ms(40), item_id="a")
     track.finish("a")
     await waiting
-    await run(track, 1 + 3 + 1)  # a's second frame, the silence tail, then the first idle slot
-    slot = first_silence[-1].pts // 960 + 1 + 5
-    assert abs(clock.now - (grid + (slot - 4) * 0.02)) < 1e-6  # back on the original grid
+    for _ in range(6):
+        await one()
+    assert [p.pts for _, p in sent] == [i * 960 for i in range(12)]
+    assert len({round(t - p.pts / 48000, 9) for t, p in sent}) == 1
+    assert [opus_packet_samples48(bytes(p)) for _, p in sent[5:8]] == [960] * 3
+    assert track.played_ms("a") == 60 and track.stats.audio_frames == 3
