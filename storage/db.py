@@ -7,6 +7,8 @@ One :class:`Database` per process owns the engine and the session factory. Code 
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import sqlite3
 from typing import Any, Final
 
 from sqlalchemy import event, text
@@ -39,7 +41,7 @@ class Database:
         self.dialect: str = parsed.get_backend_name()
         kwargs: dict[str, Any] = {"echo": echo}
         if self.dialect == "sqlite":
-            kwargs["connect_args"] = {"timeout": 30}
+            kwargs["connect_args"] = {"timeout": 30, "factory": _RollbackOnClose}
         else:
             kwargs.update(pool_pre_ping=True, pool_size=10, max_overflow=10, pool_recycle=1800)
             # Fail fast when the server is unreachable instead of hanging on connect.
@@ -71,6 +73,24 @@ class Database:
             return
         self._closed = True
         await self.engine.dispose()
+
+
+class _RollbackOnClose(sqlite3.Connection):
+    """A SQLite connection that ends its open transaction when it is closed.
+
+    SQLAlchemy closes an aiosqlite connection whose task was cancelled mid-transaction instead of
+    returning it to the pool. ``sqlite3`` closes with ``sqlite3_close_v2``, which only defers the
+    close while a statement is unfinished: a SELECT whose rows were never read, held by the
+    cancelled task's traceback. Until that cursor is garbage, the connection keeps its transaction
+    and SQLite's write lock, and every other writer waits out ``busy_timeout`` and fails with
+    "database is locked". Rolling back first releases the lock at once.
+    """
+
+    def close(self) -> None:
+        if self.in_transaction:
+            with contextlib.suppress(sqlite3.Error):
+                self.rollback()
+        super().close()
 
 
 def _sqlite_on_connect(dbapi_connection: Any, _record: Any) -> None:

@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import asyncio
 from datetime import UTC, datetime, timedelta, timezone
+from pathlib import Path
 
 import pytest
 from sqlalchemy import func, select, text
@@ -177,5 +179,41 @@ async def test_check_reports_an_unreachable_server_quickly() -> None:
         with pytest.raises(DatabaseUnavailable) as info:
             await db.check()
         assert "hunter2pw" not in str(info.value)
+    finally:
+        await db.aclose()
+
+
+_SLOW_COUNT = (
+    "WITH RECURSIVE c(x) AS (SELECT 1 UNION ALL SELECT x + 1 FROM c WHERE x < 300000) SELECT count(*) FROM c"
+)
+
+
+async def test_a_transaction_cancelled_during_a_read_leaves_sqlite_unlocked(tmp_path: Path) -> None:
+    """A writer cancelled while its SELECT runs (its cursor still referenced by the cancelled task)
+    releases SQLite's write lock: the next writer succeeds instead of failing "database is locked"."""
+    db = Database(f"sqlite+aiosqlite:///{tmp_path / 'lock.db'}")
+    try:
+        async with db.sessions.begin() as s:
+            await s.execute(text("CREATE TABLE t (id INTEGER PRIMARY KEY, v INTEGER)"))
+            await s.execute(text("INSERT INTO t VALUES (1, 0)"))
+        locked = asyncio.Event()
+
+        async def writer() -> None:
+            async with db.sessions.begin() as s:
+                await s.execute(text("UPDATE t SET v = v + 1"))  # takes the write lock
+                locked.set()
+                await s.execute(text(_SLOW_COUNT))
+
+        task = asyncio.create_task(writer())
+        await locked.wait()
+        await asyncio.sleep(0.01)  # the SELECT is running in aiosqlite's thread
+        task.cancel()
+        await asyncio.gather(task, return_exceptions=True)
+        assert task.cancelled()
+        async with db.sessions.begin() as s:
+            await s.execute(text("UPDATE t SET v = v + 10"))
+        async with db.sessions() as s:
+            # The cancelled +1 was rolled back.
+            assert (await s.execute(text("SELECT v FROM t"))).scalar_one() == 10
     finally:
         await db.aclose()
