@@ -24,7 +24,7 @@ from aiortc import RTCPeerConnection
 __all__ = ["install_close_race_guard", "running_media_tasks"]
 
 _CONNECT_ATTR = "_RTCPeerConnection__connect"
-# Typed as Any: the class attribute is replaced at run time (tests put the original back).
+# Kept so the guard can call it, and so tests can put it back: the class attribute is replaced.
 _ORIGINAL_CONNECT: Callable[[Any], Coroutine[Any, Any, None]] = getattr(RTCPeerConnection, _CONNECT_ATTR)
 
 _TASK_ATTRS = {
