@@ -23,7 +23,7 @@ def original_connect() -> Iterator[Callable[..., Any]]:
     setattr(RTCPeerConnection, _CONNECT, current)
 
 
-async def _close_while_dtls_completes() -> tuple[RTCPeerConnection, RTCPeerConnection]:
+async def _close_while_dtls_completes() -> RTCPeerConnection:
     """Close the answerer just after close() passed its senders and before it stopped DTLS, and
     hold it there until the connect task finished DTLS and started the media (the race, made sure)."""
     config = RTCConfiguration(iceServers=[])
@@ -51,7 +51,7 @@ async def _close_while_dtls_completes() -> tuple[RTCPeerConnection, RTCPeerConne
     for _ in range(5):  # the connect task's tail and the guard's stops
         await asyncio.sleep(0.01)
     await offerer.close()
-    return offerer, answerer
+    return answerer
 
 
 async def test_the_guard_stops_media_started_on_a_peer_closed_while_connecting(
@@ -60,7 +60,7 @@ async def test_the_guard_stops_media_started_on_a_peer_closed_while_connecting(
     """A peer closed while its DTLS handshake completes ends with no RTP or RTCP task running."""
     install_close_race_guard()
     install_close_race_guard()  # idempotent: wraps once
-    _, answerer = await _close_while_dtls_completes()
+    answerer = await _close_while_dtls_completes()
     assert answerer.signalingState == "closed"
     transceiver = answerer.getTransceivers()[0]
     assert transceiver.currentDirection == "sendrecv"
@@ -73,7 +73,7 @@ async def test_without_the_guard_aiortc_leaks_the_rtcp_tasks(
 ) -> None:
     """The race the guard exists for is real: unguarded, the closed peer keeps its RTCP tasks."""
     setattr(RTCPeerConnection, _CONNECT, relay.browser.close_race._ORIGINAL_CONNECT)
-    _, answerer = await _close_while_dtls_completes()
+    answerer = await _close_while_dtls_completes()
     leaked = running_media_tasks(answerer)
     try:
         names = {t.get_coro().__qualname__ for t in leaked}  # type: ignore[union-attr]
